@@ -1,0 +1,3 @@
+from penrun.cli import main
+
+main()

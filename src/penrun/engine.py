@@ -1,0 +1,324 @@
+"""The training engine: devices, seeds, atomic files, run folders that resume, the epoch loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from penrun.data import epoch_batches, normalize
+from penrun.errors import ConfigError
+
+CHECKPOINT_FORMAT = "penrun-checkpoint-v1"
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+# ---------------------------------------------------------------- devices, seeds, threads
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={name!r} but CUDA is not available; use auto or cpu")
+        return torch.device(name)
+    raise ConfigError(f"trainer.device={name!r} is invalid; valid: auto, cpu, cuda, cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    """One seed drives Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- atomic files
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: a reader (or a
+    resumed run) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.generic | np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a penrun checkpoint, refusing files that are corrupt or not penrun's."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise ConfigError(f"checkpoint {str(path)!r} is corrupt or unreadable: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"{str(path)!r} is not a penrun checkpoint (expected format {CHECKPOINT_FORMAT!r}); "
+            "pass a checkpoints/last.pt or best.pt written by penrun"
+        )
+    return ckpt
+
+
+# ---------------------------------------------------------------- config helpers
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_difference(old: dict, new: dict) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def build_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float, momentum: float = 0.9
+) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    raise ConfigError(f"trainer.optimizer={name!r} is invalid; valid: {list(OPTIMIZERS)}")
+
+
+def lr_factor(schedule: str, epoch: int, max_epochs: int) -> float:
+    """Learning-rate multiplier for a 1-based epoch: a function of the epoch alone, so
+    resuming needs no scheduler state."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------- batches on a device
+def progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
+    """A tqdm bar, quiet when disabled or when stderr is not a terminal."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty())
+
+
+def device_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, **order: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalized images, labels) on `device`, sliced from uint8 tensors in memory."""
+    for idx in epoch_batches(len(y), batch_size, **order):
+        yield normalize(x[idx].to(device, non_blocking=True)), y[idx].to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate activations and logits of a classifier on uint8 images (on the CPU)."""
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    for idx in epoch_batches(len(x), batch_size, shuffle=False):
+        h = model.features(normalize(x[idx].to(device)))
+        feats.append(h.cpu())
+        logits.append(model.head(h).cpu())
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+# ---------------------------------------------------------------- the run folder
+class Run:
+    """A run folder: metrics.json, checkpoints/, tensorboard/. Knows whether the run is
+    finished (reuse it), interrupted (resume from last.pt) or new."""
+
+    def __init__(self, directory: str | os.PathLike, config: dict[str, Any], progress: bool = True):
+        self.dir = Path(directory)
+        self.config = config
+        self.progress = progress
+        self.metrics_path = self.dir / "metrics.json"
+        self.last_path = self.dir / "checkpoints" / "last.pt"
+        self.best_path = self.dir / "checkpoints" / "best.pt"
+        self._writer = None
+
+    def finished_metrics(self) -> dict[str, Any] | None:
+        """The metrics of a finished run of the same config, else None."""
+        if not self.metrics_path.exists():
+            return None
+        metrics = json.loads(self.metrics_path.read_text())
+        self.check_same_config(metrics.get("config"), self.metrics_path)
+        return metrics if metrics.get("status") == "complete" else None
+
+    def check_same_config(self, old: dict | None, where: Path) -> None:
+        if old is None:
+            return
+        diff = config_difference(old, self.config)
+        if diff:
+            raise ConfigError(
+                f"run folder {self.dir} holds a run of a different config ({where.name} differs in "
+                f"{'; '.join(diff[:5])}); set hydra.run.dir to a new folder or remove the old one"
+            )
+
+    def load_last(self) -> dict[str, Any] | None:
+        if not self.last_path.exists():
+            return None
+        ckpt = load_checkpoint(self.last_path)
+        self.check_same_config(ckpt.get("config"), self.last_path)
+        return ckpt
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.dir / "tensorboard"))
+        return self._writer
+
+    def log_scalars(self, row: dict[str, Any], step: int) -> None:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, int | float):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def write_metrics(self, metrics: dict[str, Any], status: str) -> None:
+        save_json(self.metrics_path, {**metrics, "status": status, "config": self.config})
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def checkpoint_payload(
+    run: Run,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    epoch: int,
+    history: list[dict],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "config": run.config,
+        "history": history,
+        "modules": {name: m.state_dict() for name, m in modules.items()},
+        "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+        "rng": rng_state(),
+        **(extra or {}),
+    }
+
+
+def train_epochs(
+    run: Run,
+    *,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    max_epochs: int,
+    train_epoch: Callable[[int], dict[str, float]],
+    evaluate: Callable[[int], dict[str, float]],
+    monitor: str,
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The epoch loop: train, evaluate, log, checkpoint. Resumes from last.pt when present;
+    RNG states are restored with the weights, so a resumed run reproduces the uninterrupted one."""
+    history: list[dict[str, Any]] = []
+    start = 1
+    ckpt = run.load_last()
+    if ckpt is not None:
+        for name, module in modules.items():
+            module.load_state_dict(ckpt["modules"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        set_rng_state(ckpt["rng"])
+        history, start = ckpt["history"], ckpt["epoch"] + 1
+        print(f"resuming {run.dir} from epoch {ckpt['epoch']}", file=sys.stderr)
+    best = max((row[monitor] for row in history), default=-math.inf)
+    for epoch in range(start, max_epochs + 1):
+        row = {"epoch": epoch, **train_epoch(epoch), **evaluate(epoch)}
+        history.append(row)
+        run.log_scalars(row, epoch)
+        payload = checkpoint_payload(run, modules, optimizers, epoch, history, extra)
+        if row[monitor] > best:
+            best = row[monitor]
+            save_torch(run.best_path, payload)
+        save_torch(run.last_path, payload)
+        run.write_metrics({"history": history}, status="running")
+    return history
+
+
+def update_checkpoint(path: Path, **extra: Any) -> None:
+    """Add entries (e.g. activation statistics) to a saved checkpoint, atomically."""
+    ckpt = load_checkpoint(path)
+    ckpt.update(extra)
+    save_torch(path, ckpt)
+
+
+def stability(values: list[float], last: int = 5) -> dict[str, float]:
+    """Std over the last epochs and the largest drop between consecutive epochs."""
+    tail = values[-last:]
+    drops = [a - b for a, b in zip(values, values[1:], strict=False)]
+    return {
+        "std_last": float(np.std(tail)) if tail else 0.0,
+        "max_drop": float(max([0.0, *drops])),
+    }

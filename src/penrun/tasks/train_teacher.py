@@ -1,0 +1,110 @@
+"""task=train_teacher: train a classifier with cross-entropy and record what the sampler needs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from penrun.activations import activation_statistics
+from penrun.data import ImageData, num_batches
+from penrun.engine import (
+    Run,
+    accuracy,
+    build_optimizer,
+    device_batches,
+    load_checkpoint,
+    lr_factor,
+    predict,
+    progress,
+    set_lr,
+    stability,
+    train_epochs,
+    update_checkpoint,
+)
+from penrun.models import Classifier, build_classifier
+from penrun.tasks.common import TrainerSettings, classifier_spec, load_data, open_run, setup
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    settings = setup(cfg)
+    run_ = open_run(cfg)
+    done = run_.finished_metrics()
+    if done is not None:
+        print(f"{run_.dir} is finished: reusing its results (test_acc {done['test_acc']:.4f})")
+        return done
+    data = load_data(cfg.data, cfg.paths)
+    print(data.describe())
+    spec = classifier_spec(cfg.teacher, data)
+    metrics = train_classifier(run_, spec, data, settings, seed=cfg.seed)
+    print(f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {run_.dir}")
+    return metrics
+
+
+def train_classifier(run: Run, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int) -> dict[str, Any]:
+    """Cross-entropy training with per-epoch test evaluation; resumes from last.pt, and
+    records the per-class activation statistics of the training set in the checkpoints."""
+    device = settings.device
+    model = build_classifier(**spec).to(device)
+    optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
+    steps = num_batches(len(data.y_train), settings.batch_size)
+
+    def train_epoch(epoch: int) -> dict[str, float]:
+        set_lr(optimizer, settings.lr * lr_factor(settings.schedule, epoch, settings.max_epochs))
+        model.train()
+        start, total_loss, correct = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device)
+        batches = device_batches(data.x_train, data.y_train, settings.batch_size, device, shuffle=True, seed=seed, epoch=epoch)
+        for x, y in progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+        n = len(data.y_train)
+        return {"train_loss": total_loss.item() / n, "train_acc": correct.item() / n, "epoch_time": time.perf_counter() - start}
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        _, logits = predict(model, data.x_test, settings.eval_batch_size, device)
+        return {"test_acc": accuracy(logits, data.y_test)}
+
+    history = train_epochs(
+        run,
+        modules={"model": model},
+        optimizers={"optimizer": optimizer},
+        max_epochs=settings.max_epochs,
+        train_epoch=train_epoch,
+        evaluate=evaluate,
+        monitor="test_acc",
+        extra={"classifier": spec, "data": {"name": data.name, "num_classes": data.num_classes}},
+    )
+    record_statistics(run, model, data, settings)
+    accs = [row["test_acc"] for row in history]
+    metrics = {
+        "task": "train_teacher",
+        "test_acc": accs[-1],
+        "best_test_acc": max(accs),
+        "best_epoch": accs.index(max(accs)) + 1,
+        "stability": stability(accs),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "data": data.describe(),
+        "checkpoint": str(run.last_path),
+        "history": history,
+    }
+    run.write_metrics(metrics, status="complete")
+    run.close()
+    return metrics
+
+
+def record_statistics(run: Run, model: Classifier, data: ImageData, settings: TrainerSettings) -> None:
+    """Store the training set's activation statistics in last.pt and best.pt, each for its
+    own weights (the teacher a later task loads is last.pt: best.pt is chosen on test data)."""
+    for path in (run.best_path, run.last_path):
+        ckpt = load_checkpoint(path)
+        model.load_state_dict(ckpt["modules"]["model"])
+        h, _ = predict(model, data.x_train, settings.eval_batch_size, settings.device)
+        update_checkpoint(path, activation_stats=activation_statistics(h, data.y_train, data.num_classes))
