@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 import sys
 from pathlib import Path
@@ -12,9 +11,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.errors import ConfigError
-
-log = logging.getLogger("penrun")
-
 
 def config_dir() -> Path:
     """configs/ inside an installed wheel, else the source checkout's top-level configs/."""
@@ -43,7 +39,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         get_task(cfg.task.name)(cfg)
     except ConfigError as err:
-        log.error("%s", err)
+        print(f"penrun: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

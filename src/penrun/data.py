@@ -103,15 +103,21 @@ def _read_idx_gz(path: Path) -> np.ndarray:
         raw = f.read()
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _fashion_mnist(root: Path, download: bool) -> tuple[Arrays, str]:
     """Debian's `dataset-fashion-mnist` files when installed, else torchvision."""
     prefixes = ("train", "t10k")
-    files = [DEBIAN_FASHION_MNIST / f"{p}-{k}-idx{n}-ubyte.gz" for p in prefixes for k, n in (("images", 3), ("labels", 1))]
+    files = [
+        DEBIAN_FASHION_MNIST / f"{p}-{k}-idx{n}-ubyte.gz"
+        for p in prefixes
+        for k, n in (("images", 3), ("labels", 1))
+    ]
     if all(f.exists() for f in files):
-        return tuple(_read_idx_gz(f) for f in files), f"Debian dataset-fashion-mnist in {DEBIAN_FASHION_MNIST}"
+        return tuple(
+            _read_idx_gz(f) for f in files
+        ), f"Debian dataset-fashion-mnist in {DEBIAN_FASHION_MNIST}"
     return _torchvision_split("FashionMNIST", _train_flag)(root, download)
 
 
@@ -155,7 +161,9 @@ def load_dataset(
     _check_size_args(image_size, channels)
     if name == "npz":
         if not path:
-            raise ConfigError("data=npz needs data.path=FILE.npz (keys x_train, y_train, x_test, y_test)")
+            raise ConfigError(
+                "data=npz needs data.path=FILE.npz (keys x_train, y_train, x_test, y_test)"
+            )
         arrays, source, num_classes = _read_npz(Path(path)), str(path), None
     else:
         spec = DATASETS.get(name)
@@ -174,7 +182,11 @@ def _check_size_args(image_size: int | None, channels: int | None) -> None:
 
 
 def _read_source(
-    name: str, spec: DatasetSpec, data_dir: str | os.PathLike | None, cache_dir: Path, download: bool
+    name: str,
+    spec: DatasetSpec,
+    data_dir: str | os.PathLike | None,
+    cache_dir: Path,
+    download: bool,
 ) -> tuple[Arrays, str]:
     if data_dir:
         for npz_name in spec.npz_names:
@@ -257,12 +269,15 @@ def _images_to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
 
 def _labels(y: np.ndarray, what: str) -> torch.Tensor:
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise ConfigError(f"{what} has dtype {y.dtype} and shape {y.shape}: labels must be 1-D integers")
+        raise ConfigError(
+            f"{what} has dtype {y.dtype} and shape {y.shape}: labels must be 1-D integers"
+        )
     return torch.from_numpy(y.astype(np.int64))
 
 
 def convert_images(data: ImageData, image_size: int | None, channels: int | None) -> ImageData:
     """Bring both splits to `image_size` x `image_size` and `channels` (None keeps them)."""
+
     def convert(x: torch.Tensor) -> torch.Tensor:
         if channels is not None and x.shape[1] != channels:
             x = to_channels(x, channels)
@@ -286,7 +301,9 @@ def resize(x: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     out = torch.empty((len(x), x.shape[1], size, size), dtype=torch.uint8)
     for start in range(0, len(x), chunk):
         part = x[start : start + chunk].float()
-        part = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        part = F.interpolate(
+            part, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         out[start : start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
@@ -299,7 +316,13 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def epoch_batches(
-    n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, drop_last: bool = False
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Index batches for one epoch; the order depends only on (seed, epoch), so a resumed
     run sees the same batches as an uninterrupted one."""
@@ -316,13 +339,19 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
 
 
-def subset(data: ImageData, train: int | None = None, test: int | None = None, seed: int = 0) -> ImageData:
+def subset(
+    data: ImageData, train: int | None = None, test: int | None = None, seed: int = 0
+) -> ImageData:
     """A fixed random `train` / `test` examples (None keeps a split whole): for quick runs.
     Random, not the first ones, because some files are sorted by class."""
     gen = torch.Generator().manual_seed(seed)
 
     def pick(n_keep: int | None, total: int) -> torch.Tensor | slice:
-        return slice(None) if n_keep is None or n_keep >= total else torch.randperm(total, generator=gen)[:n_keep]
+        return (
+            slice(None)
+            if n_keep is None or n_keep >= total
+            else torch.randperm(total, generator=gen)[:n_keep]
+        )
 
     tr, te = pick(train, len(data.y_train)), pick(test, len(data.y_test))
     return replace(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -51,7 +52,11 @@ def set_threads(num_threads: int | None) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,7 +86,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n"))
+    atomic_write(
+        path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    )
 
 
 def _json_default(obj: Any) -> Any:
@@ -125,7 +132,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_difference(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
-    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
 
 
 def build_optimizer(
@@ -136,7 +147,9 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True
+        )
     raise ConfigError(f"trainer.optimizer={name!r} is invalid; valid: {list(OPTIMIZERS)}")
 
 
@@ -156,7 +169,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ---------------------------------------------------------------- batches on a device
 def progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
     """A tqdm bar, quiet when disabled or when stderr is not a terminal."""
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled or not sys.stderr.isatty())
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not enabled or not sys.stderr.isatty(),
+    )
 
 
 def device_batches(
@@ -317,7 +337,7 @@ def update_checkpoint(path: Path, **extra: Any) -> None:
 def stability(values: list[float], last: int = 5) -> dict[str, float]:
     """Std over the last epochs and the largest drop between consecutive epochs."""
     tail = values[-last:]
-    drops = [a - b for a, b in zip(values, values[1:], strict=False)]
+    drops = [a - b for a, b in itertools.pairwise(values)]
     return {
         "std_last": float(np.std(tail)) if tail else 0.0,
         "max_drop": float(max([0.0, *drops])),

@@ -50,10 +50,20 @@ class LinearHead(nn.Linear):
 
 
 class Classifier(nn.Module):
-    def __init__(self, body: nn.Module, body_dim: int, penultimate_dim: int, head: nn.Module, feature_relu: bool):
+    def __init__(
+        self,
+        body: nn.Module,
+        body_dim: int,
+        penultimate_dim: int,
+        head: nn.Module,
+        feature_relu: bool,
+    ):
         super().__init__()
         self.body = body
-        layers: list[nn.Module] = [nn.Linear(body_dim, penultimate_dim), nn.BatchNorm1d(penultimate_dim)]
+        layers: list[nn.Module] = [
+            nn.Linear(body_dim, penultimate_dim),
+            nn.BatchNorm1d(penultimate_dim),
+        ]
         if feature_relu:
             layers.append(nn.ReLU())
         self.embed = nn.Sequential(*layers)
@@ -101,7 +111,9 @@ def lenet5_body(channels: int, image_size: int, width: float) -> tuple[nn.Module
         nn.Flatten(),
     )
     side = (image_size // 2 - 4) // 2
-    body = nn.Sequential(conv, nn.Linear(c2 * side * side, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU())
+    body = nn.Sequential(
+        conv, nn.Linear(c2 * side * side, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU()
+    )
     return body, f2
 
 
@@ -114,7 +126,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -126,7 +140,11 @@ def resnet_body(blocks_per_stage: int) -> Callable[[int, int, float], tuple[nn.M
 
     def build(channels: int, image_size: int, width: float) -> tuple[nn.Module, int]:
         widths = [max(4, int(c * width)) for c in (16, 32, 64)]
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        ]
         c_in = widths[0]
         for stage, c_out in enumerate(widths):
             for block in range(blocks_per_stage):

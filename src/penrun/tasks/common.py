@@ -43,18 +43,40 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def trainer_settings(cfg: DictConfig) -> TrainerSettings:
-    t = cfg.trainer
-    _require(isinstance(t.max_epochs, int) and t.max_epochs >= 1, f"trainer.max_epochs={t.max_epochs!r} is invalid: use an integer >= 1")
-    for key in ("batch_size", "eval_batch_size"):
-        value = t[key]
-        _require(isinstance(value, int) and value >= 1, f"trainer.{key}={value!r} is invalid: use an integer >= 1")
-    _require(isinstance(t.lr, int | float) and t.lr > 0, f"trainer.lr={t.lr!r} is invalid: use a number > 0")
-    _require(isinstance(t.weight_decay, int | float) and t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay!r} is invalid: use a number >= 0")
-    _require(t.optimizer in OPTIMIZERS, f"trainer.optimizer={t.optimizer!r} is invalid; valid: {list(OPTIMIZERS)}")
-    _require(t.schedule in SCHEDULES, f"trainer.schedule={t.schedule!r} is invalid; valid: {list(SCHEDULES)}")
+def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
+    """Validated settings of a trainer node (`trainer`, or `teacher_trainer` for cached teachers)."""
+    t = cfg[key]
+    _require(
+        isinstance(t.max_epochs, int) and t.max_epochs >= 1,
+        f"{key}.max_epochs={t.max_epochs!r} is invalid: use an integer >= 1",
+    )
+    for name in ("batch_size", "eval_batch_size"):
+        value = t[name]
+        _require(
+            isinstance(value, int) and value >= 1,
+            f"{key}.{name}={value!r} is invalid: use an integer >= 1",
+        )
+    _require(
+        isinstance(t.lr, int | float) and t.lr > 0,
+        f"{key}.lr={t.lr!r} is invalid: use a number > 0",
+    )
+    _require(
+        isinstance(t.weight_decay, int | float) and t.weight_decay >= 0,
+        f"{key}.weight_decay={t.weight_decay!r} is invalid: use a number >= 0",
+    )
+    _require(
+        t.optimizer in OPTIMIZERS,
+        f"{key}.optimizer={t.optimizer!r} is invalid; valid: {list(OPTIMIZERS)}",
+    )
+    _require(
+        t.schedule in SCHEDULES,
+        f"{key}.schedule={t.schedule!r} is invalid; valid: {list(SCHEDULES)}",
+    )
     threads = t.num_threads
-    _require(threads is None or (isinstance(threads, int) and threads >= 1), f"trainer.num_threads={threads!r} is invalid: use null or an integer >= 1")
+    _require(
+        threads is None or (isinstance(threads, int) and threads >= 1),
+        f"{key}.num_threads={threads!r} is invalid: use null or an integer >= 1",
+    )
     return TrainerSettings(
         max_epochs=t.max_epochs,
         batch_size=t.batch_size,
@@ -71,7 +93,10 @@ def trainer_settings(cfg: DictConfig) -> TrainerSettings:
 
 def setup(cfg: DictConfig) -> TrainerSettings:
     """Validate the trainer, then seed and set threads: the first thing every task does."""
-    _require(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed={cfg.seed!r} is invalid: use an integer >= 0")
+    _require(
+        isinstance(cfg.seed, int) and cfg.seed >= 0,
+        f"seed={cfg.seed!r} is invalid: use an integer >= 0",
+    )
     settings = trainer_settings(cfg)
     set_threads(settings.num_threads)
     seed_everything(cfg.seed)

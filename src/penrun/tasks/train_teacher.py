@@ -20,6 +20,7 @@ from penrun.engine import (
     lr_factor,
     predict,
     progress,
+    seed_everything,
     set_lr,
     stability,
     train_epochs,
@@ -40,24 +41,45 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(data.describe())
     spec = classifier_spec(cfg.teacher, data)
     metrics = train_classifier(run_, spec, data, settings, seed=cfg.seed)
-    print(f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {run_.dir}")
+    print(
+        f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {run_.dir}"
+    )
     return metrics
 
 
-def train_classifier(run: Run, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int) -> dict[str, Any]:
+def train_classifier(
+    run: Run, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
+) -> dict[str, Any]:
     """Cross-entropy training with per-epoch test evaluation; resumes from last.pt, and
     records the per-class activation statistics of the training set in the checkpoints."""
     device = settings.device
+    seed_everything(seed)
     model = build_classifier(**spec).to(device)
-    optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
+    optimizer = build_optimizer(
+        settings.optimizer, model.parameters(), settings.lr, settings.weight_decay
+    )
     steps = num_batches(len(data.y_train), settings.batch_size)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         set_lr(optimizer, settings.lr * lr_factor(settings.schedule, epoch, settings.max_epochs))
         model.train()
-        start, total_loss, correct = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device)
-        batches = device_batches(data.x_train, data.y_train, settings.batch_size, device, shuffle=True, seed=seed, epoch=epoch)
-        for x, y in progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress):
+        start, total_loss, correct = (
+            time.perf_counter(),
+            torch.zeros((), device=device),
+            torch.zeros((), device=device),
+        )
+        batches = device_batches(
+            data.x_train,
+            data.y_train,
+            settings.batch_size,
+            device,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
+        )
+        for x, y in progress(
+            batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress
+        ):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -66,7 +88,11 @@ def train_classifier(run: Run, spec: dict[str, Any], data: ImageData, settings: 
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
         n = len(data.y_train)
-        return {"train_loss": total_loss.item() / n, "train_acc": correct.item() / n, "epoch_time": time.perf_counter() - start}
+        return {
+            "train_loss": total_loss.item() / n,
+            "train_acc": correct.item() / n,
+            "epoch_time": time.perf_counter() - start,
+        }
 
     def evaluate(epoch: int) -> dict[str, float]:
         _, logits = predict(model, data.x_test, settings.eval_batch_size, device)
@@ -100,11 +126,15 @@ def train_classifier(run: Run, spec: dict[str, Any], data: ImageData, settings: 
     return metrics
 
 
-def record_statistics(run: Run, model: Classifier, data: ImageData, settings: TrainerSettings) -> None:
+def record_statistics(
+    run: Run, model: Classifier, data: ImageData, settings: TrainerSettings
+) -> None:
     """Store the training set's activation statistics in last.pt and best.pt, each for its
     own weights (the teacher a later task loads is last.pt: best.pt is chosen on test data)."""
     for path in (run.best_path, run.last_path):
         ckpt = load_checkpoint(path)
         model.load_state_dict(ckpt["modules"]["model"])
         h, _ = predict(model, data.x_train, settings.eval_batch_size, settings.device)
-        update_checkpoint(path, activation_stats=activation_statistics(h, data.y_train, data.num_classes))
+        update_checkpoint(
+            path, activation_stats=activation_statistics(h, data.y_train, data.num_classes)
+        )

@@ -1,0 +1,108 @@
+"""The teacher a task uses: `teacher_ckpt=PATH`, or one trained for the configured `data` and
+`teacher` and cached under `paths.output_dir/teachers/`, keyed by everything that shapes it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from penrun.data import ImageData
+from penrun.engine import Run, load_checkpoint
+from penrun.errors import ConfigError
+from penrun.models import Classifier, build_classifier
+from penrun.tasks.common import classifier_spec, trainer_settings
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """A classifier rebuilt from a penrun checkpoint alone, in eval mode, on the CPU."""
+    ckpt = load_checkpoint(path)
+    if "classifier" not in ckpt:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds no classifier: pass one written by task=train_teacher"
+        )
+    model = build_classifier(**ckpt["classifier"])
+    model.load_state_dict(ckpt["modules"]["model"])
+    return model.eval(), ckpt
+
+
+def check_fits_data(spec: dict[str, Any], data: ImageData, what: str, path: str | Path) -> None:
+    """A classifier checkpoint must take the configured data's images and classes."""
+    wanted = {
+        "num_classes": data.num_classes,
+        "channels": data.channels,
+        "image_size": data.image_size,
+    }
+    diff = [f"{k} {spec[k]} (data {data.name}: {v})" for k, v in wanted.items() if spec[k] != v]
+    if diff:
+        raise ConfigError(
+            f"{what} checkpoint {str(path)!r} does not fit the data: {', '.join(diff)}. Use a "
+            f"{what} trained on this data, or set data.image_size / data.channels to match it"
+        )
+
+
+def teacher_identity(
+    cfg: DictConfig,
+    net_key: str = "teacher",
+    trainer_key: str = "teacher_trainer",
+    seed_key: str = "teacher_seed",
+) -> dict[str, Any]:
+    """Everything that determines a cached classifier's weights."""
+    trainer = OmegaConf.to_container(cfg[trainer_key], resolve=True)
+    for key in ("progress", "device", "num_threads"):
+        trainer.pop(key, None)
+    return {
+        "task": {"name": "train_teacher"},
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "teacher": OmegaConf.to_container(cfg[net_key], resolve=True),
+        "trainer": trainer,
+        "seed": cfg[seed_key],
+    }
+
+
+def obtain_classifier(
+    cfg: DictConfig,
+    data: ImageData,
+    *,
+    ckpt_key: str = "teacher_ckpt",
+    net_key: str = "teacher",
+    trainer_key: str = "teacher_trainer",
+    seed_key: str = "teacher_seed",
+    cache: str = "teachers",
+) -> tuple[Classifier, dict[str, Any], Path]:
+    """Load `cfg[ckpt_key]`, or train (once) and cache a classifier for `cfg[net_key]` on `data`."""
+    path = cfg.get(ckpt_key)
+    if path is None:
+        path = _train_cached(cfg, data, net_key, trainer_key, seed_key, cache)
+    model, ckpt = load_classifier(path)
+    check_fits_data(ckpt["classifier"], data, net_key, path)
+    return model, ckpt, Path(path)
+
+
+def _train_cached(
+    cfg: DictConfig, data: ImageData, net_key: str, trainer_key: str, seed_key: str, cache: str
+) -> Path:
+    from penrun.tasks.train_teacher import train_classifier
+
+    identity = teacher_identity(cfg, net_key, trainer_key, seed_key)
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    folder = (
+        Path(cfg.paths.output_dir)
+        / cache
+        / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
+    )
+    run = Run(folder, identity, progress=bool(cfg[trainer_key].progress))
+    if run.finished_metrics() is None:
+        print(
+            f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)"
+        )
+        settings = trainer_settings(cfg, trainer_key)
+        train_classifier(
+            run, classifier_spec(cfg[net_key], data), data, settings, seed=cfg[seed_key]
+        )
+    else:
+        print(f"using cached {net_key} {folder}")
+    return run.last_path

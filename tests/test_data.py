@@ -1,0 +1,194 @@
+"""Datasets: the embedded digits, the offline npz folder, torchvision's own file formats."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from penrun import data as data_mod
+from penrun.data import epoch_batches, load_dataset, normalize, resize, to_channels
+from penrun.errors import ConfigError
+
+
+def test_digits_is_embedded_and_split_stratified() -> None:
+    d = load_dataset("digits")
+    assert d.x_train.shape == (1437, 1, 8, 8) and d.x_test.shape == (360, 1, 8, 8)
+    assert d.x_train.dtype == torch.uint8 and int(d.x_train.max()) == 255
+    assert torch.bincount(d.y_test).min() >= 35 and d.num_classes == 10
+
+
+def test_mnist_and_usps_from_the_data_folder(data_dir: Path) -> None:
+    mnist = load_dataset("mnist", data_dir=data_dir)
+    assert mnist.x_train.shape == (60000, 1, 28, 28) and "mnist.npz" in mnist.source
+    # The data README's test label counts.
+    assert torch.bincount(mnist.y_test).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]
+    usps = load_dataset("usps", data_dir=data_dir, image_size=28)
+    assert usps.x_train.shape == (7291, 1, 28, 28) and usps.x_test.shape == (2007, 1, 28, 28)
+
+
+def test_cifar10_falls_back_to_the_shared_jpeg_subset(data_dir: Path) -> None:
+    cifar = load_dataset("cifar10", data_dir=data_dir, channels=1, image_size=28)
+    assert cifar.x_test.shape == (10000, 1, 28, 28) and "jpeg_subset" in cifar.source
+
+
+def test_resize_and_channels_keep_uint8_range() -> None:
+    x = torch.full((2, 1, 16, 16), 200, dtype=torch.uint8)
+    y = resize(x, 28)
+    assert (
+        y.shape == (2, 1, 28, 28) and y.dtype == torch.uint8 and int(y.min()) == int(y.max()) == 200
+    )
+    rgb = to_channels(x, 3)
+    assert rgb.shape == (2, 3, 16, 16)
+    assert torch.equal(to_channels(rgb, 1), x)  # luma weights sum to 1
+
+
+def test_normalize_maps_to_unit_interval() -> None:
+    x = torch.tensor([0, 255], dtype=torch.uint8)
+    assert normalize(x).tolist() == [-1.0, 1.0]
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:
+    a = torch.cat(list(epoch_batches(100, 32, shuffle=True, seed=3, epoch=2)))
+    b = torch.cat(list(epoch_batches(100, 32, shuffle=True, seed=3, epoch=2)))
+    c = torch.cat(list(epoch_batches(100, 32, shuffle=True, seed=3, epoch=3)))
+    assert torch.equal(a, b) and not torch.equal(a, c) and sorted(a.tolist()) == list(range(100))
+
+
+# ---------------------------------------------------------------- npz files and their errors
+def write_npz(path: Path, **overrides: np.ndarray) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 256, (20, 12, 12), dtype=np.uint8),
+        "y_train": np.arange(20) % 4,
+        "x_test": rng.integers(0, 256, (8, 12, 12), dtype=np.uint8),
+        "y_test": np.arange(8) % 4,
+    }
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def test_npz_file_loads(tmp_path: Path) -> None:
+    d = load_dataset("npz", path=write_npz(tmp_path / "d.npz"))
+    assert d.x_train.shape == (20, 1, 12, 12) and d.num_classes == 4
+
+
+def test_npz_missing_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"lacks keys \['y_test'\]"):
+        load_dataset("npz", path=write_npz(tmp_path / "d.npz", y_test=None))
+
+
+def test_npz_labels_out_of_range(tmp_path: Path) -> None:
+    write_npz(tmp_path / "mnist.npz", y_test=np.full(8, 12))
+    with pytest.raises(ConfigError, match=r"mnist y_test has label 12: labels must lie in 0\.\.9"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    with pytest.raises(ConfigError, match=r"y_train has label -1"):
+        load_dataset("npz", path=write_npz(tmp_path / "d.npz", y_train=np.full(20, -1)))
+
+
+def test_npz_mismatched_sizes_need_image_size(tmp_path: Path) -> None:
+    path = write_npz(tmp_path / "d.npz", x_test=np.zeros((8, 16, 16), np.uint8))
+    with pytest.raises(
+        ConfigError,
+        match=r"train images are \(12, 12\) but test images \(16, 16\); set data.image_size",
+    ):
+        load_dataset("npz", path=path)
+    assert load_dataset("npz", path=path, image_size=16).x_train.shape == (20, 1, 16, 16)
+
+
+def test_npz_bad_dtype_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must be uint8"):
+        load_dataset(
+            "npz", path=write_npz(tmp_path / "d.npz", x_train=np.zeros((20, 12, 12), np.float32))
+        )
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_dataset("npz", path=tmp_path / "nope.npz")
+
+
+def test_unknown_dataset_and_bad_sizes() -> None:
+    with pytest.raises(
+        ConfigError, match=r"unknown dataset 'imagenet'; valid: \['cifar10', 'digits'"
+    ):
+        load_dataset("imagenet")
+    with pytest.raises(ConfigError, match=r"data.channels=2 is invalid: use null, 1 \(grey\) or 3"):
+        load_dataset("digits", channels=2)
+
+
+def test_offline_and_missing_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"Put svhn.npz .* in the data folder .*data.download=true"
+    ):
+        load_dataset("svhn", data_dir=tmp_path, cache_dir=tmp_path / "cache", download=False)
+
+
+# ---------------------------------------------------------------- torchvision's own formats
+def idx_bytes(array: np.ndarray) -> bytes:
+    code = 0x08  # unsigned byte
+    header = struct.pack(">HBB", 0, code, array.ndim) + b"".join(
+        struct.pack(">I", s) for s in array.shape
+    )
+    return header + array.astype(np.uint8).tobytes()
+
+
+def fake_digit_arrays(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(n)
+    return rng.integers(0, 256, (n, size, size), dtype=np.uint8), (np.arange(n) % 10).astype(
+        np.uint8
+    )
+
+
+def test_torchvision_mnist_loader_reads_its_raw_files(tmp_path: Path) -> None:
+    raw = tmp_path / "cache" / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        x, y = fake_digit_arrays(n, 28)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(x))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(y))
+    d = load_dataset("mnist", data_dir=None, cache_dir=tmp_path / "cache", download=False)
+    x, y = fake_digit_arrays(30, 28)
+    assert torch.equal(d.x_train[:, 0], torch.from_numpy(x)) and d.y_train.tolist() == y.tolist()
+    assert "torchvision MNIST" in d.source
+
+
+def test_torchvision_usps_loader_reads_its_bz2_files(tmp_path: Path) -> None:
+    root = tmp_path / "cache" / "usps"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("usps.bz2", 12), ("usps.t.bz2", 6)):
+        values = rng.uniform(-1, 1, (n, 256))
+        lines = [
+            f"{k % 10 + 1} " + " ".join(f"{j + 1}:{v:.6f}" for j, v in enumerate(row))
+            for k, row in enumerate(values)
+        ]
+        (root / name).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    d = load_dataset("usps", cache_dir=tmp_path / "cache", download=False)
+    assert d.x_train.shape == (12, 1, 16, 16) and d.y_train.tolist() == [k % 10 for k in range(12)]
+
+
+def test_fashion_mnist_from_debian_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        x, y = fake_digit_arrays(n, 28)
+        for kind, arr, dims in (("images", x, 3), ("labels", y, 1)):
+            (tmp_path / f"{prefix}-{kind}-idx{dims}-ubyte.gz").write_bytes(
+                gzip.compress(idx_bytes(arr))
+            )
+    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path)
+    d = load_dataset("fashion_mnist", cache_dir=tmp_path / "cache", download=False)
+    assert d.x_test.shape == (10, 1, 28, 28) and "Debian" in d.source

@@ -1,0 +1,180 @@
+"""task=train_teacher end to end: run folder, reuse, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUICK, run_cli, run_task
+from penrun.engine import CHECKPOINT_FORMAT, load_checkpoint
+from penrun.errors import ConfigError
+
+DIGITS = ["trainer.max_epochs=4"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    run_cli([*DIGITS, f"hydra.run.dir={out}"], cwd=out)
+    return out
+
+
+def test_run_folder_is_complete(digits_run: Path) -> None:
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert metrics["task"] == "train_teacher" and metrics["status"] == "complete"
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
+    assert {"train_loss", "test_acc"} <= metrics["history"][0].keys()
+    assert metrics["test_acc"] > 0.9 and metrics["best_test_acc"] >= metrics["test_acc"]
+    assert (digits_run / ".hydra" / "config.yaml").exists()
+    assert list((digits_run / "tensorboard").glob("events.out.tfevents.*"))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(digits_run / "checkpoints" / name)
+        assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["config"]["teacher"]["arch"] == "mlp"
+        assert {"python", "numpy", "torch"} <= ckpt["rng"].keys() and "optimizer" in ckpt[
+            "optimizers"
+        ]
+        stats = ckpt["activation_stats"]
+        assert stats["norm_quantiles"].shape == (10, 101) and stats["count"].sum() == 1437
+        assert (stats["norm_mean"] > 0).all() and (stats["fitted_kappa"] > 0).all()
+    assert load_checkpoint(digits_run / "checkpoints" / "last.pt")["epoch"] == 4
+
+
+def test_finished_run_is_reused_not_retrained(digits_run: Path) -> None:
+    last = digits_run / "checkpoints" / "last.pt"
+    before = last.stat().st_mtime_ns
+    proc = run_cli([*DIGITS, f"hydra.run.dir={digits_run}"], cwd=digits_run)
+    assert "reusing its results" in proc.stdout and last.stat().st_mtime_ns == before
+
+
+def test_a_different_config_in_the_same_folder_is_refused(digits_run: Path) -> None:
+    proc = run_cli(
+        ["trainer.max_epochs=5", f"hydra.run.dir={digits_run}"], cwd=digits_run, check=False
+    )
+    assert proc.returncode == 2
+    assert (
+        "holds a run of a different config" in proc.stderr
+        and "trainer.max_epochs: 4 -> 5" in proc.stderr
+    )
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    steps = 0
+    original = torch.optim.Adam.step
+    def step(self, *args, **kwargs):
+        global steps
+        steps += 1
+        if steps == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+    torch.optim.Adam.step = step
+    sys.argv = ["penrun", *{args!r}]
+    from penrun.cli import main
+    main()
+    """
+)
+
+
+def test_sigkilled_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    args = [*QUICK, "trainer.max_epochs=4", "seed=3"]
+    reference = tmp_path / "reference"
+    run_cli([*args, f"hydra.run.dir={reference}"], cwd=tmp_path)
+
+    killed = tmp_path / "killed"
+    kill_at = 23 * 2 + 9  # 23 steps per digits epoch: mid-way through epoch 3
+    script = KILLER.format(kill_at=kill_at, args=[*args, f"hydra.run.dir={killed}"])
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] == 2
+    assert (
+        not (killed / "metrics.json").exists()
+        or json.loads((killed / "metrics.json").read_text())["status"] == "running"
+    )
+
+    resumed = run_cli([*args, f"hydra.run.dir={killed}"], cwd=tmp_path)
+    assert "resuming" in resumed.stderr and "from epoch 2" in resumed.stderr
+    ref = json.loads((reference / "metrics.json").read_text())
+    got = json.loads((killed / "metrics.json").read_text())
+    assert got["history"] == [
+        {**row, "epoch_time": got_row["epoch_time"]}
+        for row, got_row in zip(ref["history"], got["history"], strict=True)
+    ]
+    assert got["test_acc"] == ref["test_acc"]
+    ref_w = load_checkpoint(reference / "checkpoints" / "last.pt")["modules"]["model"]
+    got_w = load_checkpoint(killed / "checkpoints" / "last.pt")["modules"]["model"]
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_mnist_lenet5_from_the_offline_folder(tmp_path: Path, data_dir: Path) -> None:
+    metrics = run_task(
+        [
+            "data=mnist",
+            "teacher=lenet5",
+            "trainer.max_epochs=2",
+            "data.limit_train=3000",
+            "data.limit_test=1000",
+        ],
+        tmp_path,
+        data_dir,
+    )
+    assert metrics["test_acc"] > 0.85  # 3000 images, two epochs: far above chance (0.1)
+    assert "mnist.npz" in metrics["data"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.batch_size=0", r"trainer.batch_size=0 is invalid: use an integer >= 1"),
+        ("trainer.lr=-0.1", r"trainer.lr=-0.1 is invalid: use a number > 0"),
+        ("trainer.device=tpu", r"trainer.device='tpu' is invalid; valid: auto, cpu, cuda"),
+        (
+            "trainer.optimizer=lbfgs",
+            r"trainer.optimizer='lbfgs' is invalid; valid: \['adam', 'adamw', 'sgd'\]",
+        ),
+        ("trainer.max_epochs=0", r"trainer.max_epochs=0 is invalid"),
+        ("teacher.head=arcface", r"unknown head 'arcface'; valid: \['cosine', 'linear'\]"),
+        ("teacher.penultimate_dim=1", r"penultimate_dim=1 is invalid: it must be >= 2"),
+        ("teacher=lenet5", r"lenet5 needs images of at least 16x16, got 8x8; set data.image_size"),
+    ],
+)
+def test_bad_values_stop_before_training(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_task([override], tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_value_from_the_command_line_is_a_clean_error(tmp_path: Path) -> None:
+    proc = run_cli(
+        ["trainer.batch_size=-4", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and "trainer.batch_size=-4 is invalid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"corrupt\.pt' is corrupt or unreadable"):
+        load_checkpoint(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ConfigError, match=r"foreign\.pt' is not a penrun checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_corrupt_last_checkpoint_in_a_run_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(ConfigError, match=r"last\.pt' is corrupt or unreadable"):
+        run_task(DIGITS, tmp_path)
