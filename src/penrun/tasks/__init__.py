@@ -11,6 +11,7 @@ from penrun.errors import ConfigError
 
 TASKS: dict[str, str] = {
     "train_teacher": "penrun.tasks.train_teacher",
+    "fit": "penrun.tasks.fit",
 }
 
 

@@ -61,7 +61,6 @@ def train_classifier(
     steps = num_batches(len(data.y_train), settings.batch_size)
 
     def train_epoch(epoch: int) -> dict[str, float]:
-        set_lr(optimizer, settings.lr * lr_factor(settings.schedule, epoch, settings.max_epochs))
         model.train()
         start, total_loss, correct = (
             time.perf_counter(),

@@ -1,0 +1,115 @@
+"""task=fit: does a teacher's final layer describe its penultimate activations, and how far off is it?
+
+Compares the real activations of the test split with synthetic ones drawn from the vMF model
+of the final layer: the Generative-Discriminative identity, per-class concentrations (from the
+weights and fitted), cosine distributions (KS distance), and a linear classifier trained only
+on synthetic activations and tested on the real ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from penrun.diagnostics import class_cosines, ks_distance, linear_probe_accuracy, plot_circle, plot_cosine_histograms
+from penrun.engine import accuracy, predict
+from penrun.errors import ConfigError
+from penrun.penultimate import PenultimateModel, fit_kappa_from_activations
+from penrun.tasks.common import load_data, open_run, setup
+from penrun.tasks.teachers import obtain_classifier
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    settings = setup(cfg)
+    run_ = open_run(cfg)
+    done = run_.finished_metrics()
+    if done is not None:
+        print(f"{run_.dir} is finished: reusing its results")
+        return done
+    f = cfg.fit
+    if not (isinstance(f.samples_per_class, int) and f.samples_per_class >= 10):
+        raise ConfigError(f"fit.samples_per_class={f.samples_per_class!r} is invalid: use an integer >= 10")
+    data = load_data(cfg.data, cfg.paths)
+    teacher, ckpt, path = obtain_classifier(cfg, data)
+    model = PenultimateModel.from_classifier(
+        teacher, ckpt.get("activation_stats"), radius=f.radius, kappa=f.kappa, kappa_scale=f.kappa_scale
+    )
+    teacher.to(settings.device)
+    h, logits = predict(teacher, data.x_test, settings.eval_batch_size, settings.device)
+    metrics = {"task": "fit", "teacher_ckpt": str(path), **diagnose(model, h.double(), logits.double(), data.y_test, f, cfg.seed, run_.dir)}
+    log_to_tensorboard(run_, metrics)
+    run_.write_metrics(metrics, status="complete")
+    run_.close()
+    print(summary(metrics))
+    return metrics
+
+
+def diagnose(model: PenultimateModel, h: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, f: DictConfig, seed: int, out) -> dict[str, Any]:
+    model = model.to(dtype=torch.float64)
+    k = model.num_classes
+    posterior = model.posterior(h)
+    real_a = F.normalize(h, dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    # Synthetic activations: one per real test activation of the same class (same counts),
+    # and a class-balanced set to train the probe.
+    synth_a, _ = model.sample(len(y), y=y, generator=gen)
+    probe_a, probe_y = model.sample(k * f.samples_per_class, balanced=True, generator=gen)
+    real_cos, synth_cos = class_cosines(real_a, y, model.mu), class_cosines(synth_a, y, model.mu)
+    test_fit = fit_kappa_from_activations(h, y, k)
+    per_class = [
+        {
+            "class": c,
+            "count": int((y == c).sum()),
+            "kappa_weights": model.kappa[c].item(),
+            "kappa_fitted_test": test_fit["fitted_kappa"][c].item(),
+            "mean_cos_real": real_cos[y == c].mean().item(),
+            "mean_cos_synthetic": synth_cos[y == c].mean().item(),
+            "ks_distance": ks_distance(real_cos[y == c], synth_cos[y == c]),
+        }
+        for c in range(k)
+        if (y == c).any()
+    ]
+    plot_cosine_histograms(real_cos, synth_cos, y, y, out / "cosine_hist.png")
+    if model.dim == 2:
+        plot_circle(real_a, y, model.mu, model.kappa, out / "circle.png")
+    return {
+        "softmax_acc": accuracy(logits, y),
+        "generative_acc": accuracy(posterior, y),
+        "posterior_max_abs_diff": (posterior - logits.softmax(1)).abs().max().item(),
+        "synthetic_to_real_acc": linear_probe_accuracy(probe_a, probe_y, real_a, y, k, seed=seed),
+        "kappa": f.kappa,
+        "kappa_scale": f.kappa_scale,
+        "dim": model.dim,
+        "mean_ks_distance": sum(c["ks_distance"] for c in per_class) / len(per_class),
+        "per_class": per_class,
+    }
+
+
+def log_to_tensorboard(run, metrics: dict[str, Any]) -> None:
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    run.log_scalars(scalars, 0)
+    for c in metrics["per_class"]:
+        run.log_scalars({f"class_{c['class']}/{k}": v for k, v in c.items() if k not in ("class", "count")}, 0)
+    import matplotlib.image
+
+    for name in ("cosine_hist", "circle"):
+        path = run.dir / f"{name}.png"
+        if path.exists():
+            run.writer.add_image(name, matplotlib.image.imread(path)[..., :3], 0, dataformats="HWC")
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    lines = [
+        f"softmax_acc {metrics['softmax_acc']:.4f}  generative_acc {metrics['generative_acc']:.4f}  "
+        f"(max |posterior - softmax| {metrics['posterior_max_abs_diff']:.1e})",
+        f"synthetic_to_real_acc {metrics['synthetic_to_real_acc']:.4f}  mean KS distance {metrics['mean_ks_distance']:.3f}",
+        "class  kappa(weights)  kappa(fitted)  cos real  cos synth  KS",
+    ]
+    lines += [
+        f"{c['class']:>5}  {c['kappa_weights']:>14.2f}  {c['kappa_fitted_test']:>13.2f}  {c['mean_cos_real']:>8.3f}  {c['mean_cos_synthetic']:>9.3f}  {c['ks_distance']:.3f}"
+        for c in metrics["per_class"]
+    ]
+    return "\n".join(lines)
