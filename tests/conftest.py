@@ -50,8 +50,10 @@ def run_cli(
     args: list[str], cwd: Path, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """`python -m penrun ARGS` in a subprocess, as a user would run it."""
+    flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
     proc = subprocess.run(
-        [sys.executable, "-m", "penrun", *QUICK, *args],
+        [sys.executable, "-m", "penrun", *flags, *QUICK, *overrides],
         cwd=cwd,
         capture_output=True,
         text=True,

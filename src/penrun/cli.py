@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from penrun.errors import ConfigError
 
+
 def config_dir() -> Path:
     """configs/ inside an installed wheel, else the source checkout's top-level configs/."""
     here = Path(__file__).resolve().parent

@@ -308,6 +308,93 @@ def resize(x: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------- domain shifts
+def _affine(x: torch.Tensor, angle_deg: float, zoom: float) -> torch.Tensor:
+    """Rotate by `angle_deg` and zoom by `zoom` about the centre (zeros fill the corners)."""
+    theta = torch.tensor(angle_deg * torch.pi / 180)
+    rot = (
+        torch.stack(
+            [torch.stack([theta.cos(), -theta.sin()]), torch.stack([theta.sin(), theta.cos()])]
+        )
+        / zoom
+    )
+    matrix = torch.cat([rot, torch.zeros(2, 1)], dim=1).expand(len(x), 2, 3)
+    grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, round(3 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).to(x.dtype)
+    c = x.shape[1]
+    x = F.conv2d(
+        F.pad(x, (radius, radius, 0, 0), mode="replicate"),
+        taps.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+        groups=c,
+    )
+    return F.conv2d(
+        F.pad(x, (0, 0, radius, radius), mode="replicate"),
+        taps.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+        groups=c,
+    )
+
+
+# Each shift maps float images in [0, 255] to shifted ones; `strength` means:
+SHIFTS: dict[str, tuple[str, Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]]] = {
+    "invert": (
+        "blend towards the negative image, 0..1",
+        lambda x, s, g: (1 - s) * x + s * (255 - x),
+    ),
+    "rotate": ("rotation in degrees", lambda x, s, g: _affine(x, s, 1.0)),
+    "scale": ("zoom factor (< 1 shrinks)", lambda x, s, g: _affine(x, 0.0, s)),
+    "noise": (
+        "std of Gaussian pixel noise, in units of the 0..255 range",
+        lambda x, s, g: x + 255 * s * torch.randn(x.shape, generator=g),
+    ),
+    "blur": ("Gaussian blur sigma in pixels", lambda x, s, g: _gaussian_blur(x, s)),
+}
+
+
+def shift_images(data: ImageData, kind: str, strength: float, seed: int = 0) -> ImageData:
+    """A shifted copy of both splits (a domain shift of one dataset)."""
+    if kind not in SHIFTS:
+        raise ConfigError(f"transfer.shift={kind!r} is invalid; valid: none, {', '.join(SHIFTS)}")
+    if (
+        not isinstance(strength, int | float)
+        or strength <= 0
+        or (kind == "invert" and strength > 1)
+    ):
+        raise ConfigError(
+            f"transfer.shift_strength={strength!r} is invalid for {kind}: use {SHIFTS[kind][0]} (> 0)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    fn = SHIFTS[kind][1]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return fn(x.float(), float(strength), gen).round_().clamp_(0, 255).to(torch.uint8)
+
+    name = f"{data.name}+{kind}({strength:g})"
+    return replace(data, name=name, x_train=apply(data.x_train), x_test=apply(data.x_test))
+
+
+def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of `per_class` examples of each class, drawn reproducibly from the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(y, minlength=num_classes)
+    if per_class > counts.min():
+        raise ConfigError(
+            f"distill.labels={per_class} asks for more examples per class than the transfer set has "
+            f"(the rarest class has {int(counts.min())}); use at most that, 'all' or 'none'"
+        )
+    picks = [torch.nonzero(y == k).flatten() for k in range(num_classes)]
+    return (
+        torch.cat([p[torch.randperm(len(p), generator=gen)[:per_class]] for p in picks])
+        .sort()
+        .values
+    )
+
+
 # ---------------------------------------------------------------- batches
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 -> float in [-1, 1]. One fixed normalization for every dataset, so that a

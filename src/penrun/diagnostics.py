@@ -12,8 +12,8 @@ def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
     a, b = a.double().sort().values, b.double().sort().values
     points = torch.cat([a, b])
-    cdf_a = torch.searchsorted(a, points, right=True) / len(a)
-    cdf_b = torch.searchsorted(b, points, right=True) / len(b)
+    cdf_a = torch.searchsorted(a, points, right=True).double() / len(a)
+    cdf_b = torch.searchsorted(b, points, right=True).double() / len(b)
     return (cdf_a - cdf_b).abs().max().item()
 
 
@@ -50,7 +50,11 @@ def linear_probe_accuracy(
 
 
 def plot_cosine_histograms(
-    real: torch.Tensor, synthetic: torch.Tensor, y_real: torch.Tensor, y_synthetic: torch.Tensor, path: Path
+    real: torch.Tensor,
+    synthetic: torch.Tensor,
+    y_real: torch.Tensor,
+    y_synthetic: torch.Tensor,
+    path: Path,
 ) -> None:
     """One panel per class: the distribution of mu_y^T a, real against synthetic."""
     import matplotlib
@@ -68,7 +72,13 @@ def plot_cosine_histograms(
             ax.axis("off")
             continue
         ax.hist(real[y_real == k].numpy(), bins=bins, density=True, alpha=0.6, label="real")
-        ax.hist(synthetic[y_synthetic == k].numpy(), bins=bins, density=True, alpha=0.6, label="synthetic")
+        ax.hist(
+            synthetic[y_synthetic == k].numpy(),
+            bins=bins,
+            density=True,
+            alpha=0.6,
+            label="synthetic",
+        )
         ax.set_title(f"class {k}", fontsize=9)
     axes.flat[0].legend(fontsize=8)
     fig.supxlabel("cosine to the class direction mu_y")
@@ -77,7 +87,9 @@ def plot_cosine_histograms(
     plt.close(fig)
 
 
-def plot_circle(a: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor, path: Path) -> None:
+def plot_circle(
+    a: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor, path: Path
+) -> None:
     """d = 2: activations on the unit circle under the per-class vMF densities."""
     import matplotlib
 

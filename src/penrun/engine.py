@@ -9,7 +9,9 @@ import os
 import random
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,22 @@ from penrun.errors import ConfigError
 CHECKPOINT_FORMAT = "penrun-checkpoint-v1"
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Validated trainer options (tasks build them from the `trainer` config node)."""
+
+    max_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    schedule: str
+    device: torch.device
+    num_threads: int | None
+    progress: bool
 
 
 # ---------------------------------------------------------------- devices, seeds, threads
@@ -153,12 +171,12 @@ def build_optimizer(
     raise ConfigError(f"trainer.optimizer={name!r} is invalid; valid: {list(OPTIMIZERS)}")
 
 
-def lr_factor(schedule: str, epoch: int, max_epochs: int) -> float:
-    """Learning-rate multiplier for a 1-based epoch: a function of the epoch alone, so
-    resuming needs no scheduler state."""
+def lr_factor(schedule: str, progress: float) -> float:
+    """Learning-rate multiplier at `progress` in [0, 1) of training (per step): a function
+    of the position alone, so resuming needs no scheduler state."""
     if schedule == "constant":
         return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max_epochs))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -185,6 +203,34 @@ def device_batches(
     """(normalized images, labels) on `device`, sliced from uint8 tensors in memory."""
     for idx in epoch_batches(len(y), batch_size, **order):
         yield normalize(x[idx].to(device, non_blocking=True)), y[idx].to(device, non_blocking=True)
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def optimize_epoch(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: StepFn,
+    settings: TrainerSettings,
+    epoch: int,
+) -> dict[str, float]:
+    """One epoch of optimizer steps with a per-step learning-rate schedule; returns the mean
+    of the loss and of every logged term as train_<name>, and the epoch's wall time."""
+    start, sums = time.perf_counter(), {}
+    bar = progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress)
+    for step, (x, y) in enumerate(bar):
+        position = (epoch - 1 + step / steps) / settings.max_epochs
+        set_lr(optimizer, settings.lr * lr_factor(settings.schedule, position))
+        loss, logs = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in {"loss": loss.detach(), **logs}.items():
+            sums[name] = sums.get(name, 0.0) + value
+    means = {f"train_{name}": float(total / steps) for name, total in sums.items()}
+    return {**means, "epoch_time": time.perf_counter() - start}
 
 
 @torch.no_grad()

@@ -12,6 +12,10 @@ from penrun.errors import ConfigError
 TASKS: dict[str, str] = {
     "train_teacher": "penrun.tasks.train_teacher",
     "fit": "penrun.tasks.fit",
+    "distill": "penrun.tasks.distill",
+    "report": "penrun.tasks.report",
+    "vae": "penrun.tasks.vae",
+    "gan": "penrun.tasks.gan",
 }
 
 

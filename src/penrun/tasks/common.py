@@ -6,36 +6,30 @@ Only tasks read DictConfig; this module turns it into plain arguments for the li
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.data import ImageData, load_dataset, subset
-from penrun.engine import OPTIMIZERS, SCHEDULES, Run, resolve_device, seed_everything, set_threads
+from penrun.engine import (
+    OPTIMIZERS,
+    SCHEDULES,
+    Run,
+    TrainerSettings,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 from penrun.errors import ConfigError
 from penrun.models import build_classifier
 
 # Keys that change neither the numbers nor the meaning of a run; ignored when a run folder
 # is checked against the config that asks to reuse it.
-VOLATILE_KEYS = ("paths", "trainer.progress", "trainer.device", "trainer.num_threads")
-
-
-@dataclass(frozen=True)
-class TrainerSettings:
-    max_epochs: int
-    batch_size: int
-    eval_batch_size: int
-    lr: float
-    optimizer: str
-    weight_decay: float
-    schedule: str
-    device: torch.device
-    num_threads: int | None
-    progress: bool
+VOLATILE_KEYS = tuple(
+    ["paths"] + [f"{node}.{key}" for node in ("trainer", "teacher_trainer") for key in ("progress", "device", "num_threads")]
+)
 
 
 def _require(ok: bool, message: str) -> None:

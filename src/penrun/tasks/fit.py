@@ -14,12 +14,19 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from penrun.diagnostics import class_cosines, ks_distance, linear_probe_accuracy, plot_circle, plot_cosine_histograms
+from penrun.diagnostics import (
+    class_cosines,
+    ks_distance,
+    linear_probe_accuracy,
+    plot_circle,
+    plot_cosine_histograms,
+)
 from penrun.engine import accuracy, predict
 from penrun.errors import ConfigError
+from penrun.models import Classifier
 from penrun.penultimate import PenultimateModel, fit_kappa_from_activations
 from penrun.tasks.common import load_data, open_run, setup
-from penrun.tasks.teachers import obtain_classifier
+from penrun.tasks.teachers import obtain_classifier, penultimate_model
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -31,15 +38,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return done
     f = cfg.fit
     if not (isinstance(f.samples_per_class, int) and f.samples_per_class >= 10):
-        raise ConfigError(f"fit.samples_per_class={f.samples_per_class!r} is invalid: use an integer >= 10")
+        raise ConfigError(
+            f"fit.samples_per_class={f.samples_per_class!r} is invalid: use an integer >= 10"
+        )
     data = load_data(cfg.data, cfg.paths)
     teacher, ckpt, path = obtain_classifier(cfg, data)
-    model = PenultimateModel.from_classifier(
-        teacher, ckpt.get("activation_stats"), radius=f.radius, kappa=f.kappa, kappa_scale=f.kappa_scale
+    model = penultimate_model(
+        teacher,
+        ckpt,
+        path,
+        radius=f.radius,
+        kappa=f.kappa,
+        kappa_scale=f.kappa_scale,
     )
     teacher.to(settings.device)
     h, logits = predict(teacher, data.x_test, settings.eval_batch_size, settings.device)
-    metrics = {"task": "fit", "teacher_ckpt": str(path), **diagnose(model, h.double(), logits.double(), data.y_test, f, cfg.seed, run_.dir)}
+    metrics = {
+        "task": "fit",
+        "teacher_ckpt": str(path),
+        "kappa_fitted_train": ckpt.get("activation_stats", {}).get("fitted_kappa"),
+        **diagnose(model, head_input(teacher, h.double()), logits.double(), data.y_test, f, cfg.seed, run_.dir),
+    }
     log_to_tensorboard(run_, metrics)
     run_.write_metrics(metrics, status="complete")
     run_.close()
@@ -47,17 +66,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def diagnose(model: PenultimateModel, h: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, f: DictConfig, seed: int, out) -> dict[str, Any]:
+def head_input(teacher: Classifier, h: torch.Tensor) -> torch.Tensor:
+    """What the final layer sees: h itself, or h / |h| for a cosine head."""
+    return F.normalize(h, dim=1) if teacher.head.normalizes_input else h
+
+
+def diagnose(
+    model: PenultimateModel,
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    f: DictConfig,
+    seed: int,
+    out,
+) -> dict[str, Any]:
     model = model.to(dtype=torch.float64)
     k = model.num_classes
     posterior = model.posterior(h)
     real_a = F.normalize(h, dim=1)
     gen = torch.Generator().manual_seed(seed)
-    # Synthetic activations: one per real test activation of the same class (same counts),
-    # and a class-balanced set to train the probe.
-    synth_a, _ = model.sample(len(y), y=y, generator=gen)
-    probe_a, probe_y = model.sample(k * f.samples_per_class, balanced=True, generator=gen)
-    real_cos, synth_cos = class_cosines(real_a, y, model.mu), class_cosines(synth_a, y, model.mu)
+    # Class-balanced synthetic activations: compared with the real ones, and the probe's training set.
+    synth_a, synth_y = model.sample(k * f.samples_per_class, balanced=True, generator=gen)
+    real_cos, synth_cos = class_cosines(real_a, y, model.mu), class_cosines(synth_a, synth_y, model.mu)
     test_fit = fit_kappa_from_activations(h, y, k)
     per_class = [
         {
@@ -66,20 +96,20 @@ def diagnose(model: PenultimateModel, h: torch.Tensor, logits: torch.Tensor, y: 
             "kappa_weights": model.kappa[c].item(),
             "kappa_fitted_test": test_fit["fitted_kappa"][c].item(),
             "mean_cos_real": real_cos[y == c].mean().item(),
-            "mean_cos_synthetic": synth_cos[y == c].mean().item(),
-            "ks_distance": ks_distance(real_cos[y == c], synth_cos[y == c]),
+            "mean_cos_synthetic": synth_cos[synth_y == c].mean().item(),
+            "ks_distance": ks_distance(real_cos[y == c], synth_cos[synth_y == c]),
         }
         for c in range(k)
         if (y == c).any()
     ]
-    plot_cosine_histograms(real_cos, synth_cos, y, y, out / "cosine_hist.png")
+    plot_cosine_histograms(real_cos, synth_cos, y, synth_y, out / "cosine_hist.png")
     if model.dim == 2:
         plot_circle(real_a, y, model.mu, model.kappa, out / "circle.png")
     return {
         "softmax_acc": accuracy(logits, y),
         "generative_acc": accuracy(posterior, y),
         "posterior_max_abs_diff": (posterior - logits.softmax(1)).abs().max().item(),
-        "synthetic_to_real_acc": linear_probe_accuracy(probe_a, probe_y, real_a, y, k, seed=seed),
+        "synthetic_to_real_acc": linear_probe_accuracy(synth_a, synth_y, real_a, y, k, seed=seed),
         "kappa": f.kappa,
         "kappa_scale": f.kappa_scale,
         "dim": model.dim,
@@ -92,7 +122,9 @@ def log_to_tensorboard(run, metrics: dict[str, Any]) -> None:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     run.log_scalars(scalars, 0)
     for c in metrics["per_class"]:
-        run.log_scalars({f"class_{c['class']}/{k}": v for k, v in c.items() if k not in ("class", "count")}, 0)
+        run.log_scalars(
+            {f"class_{c['class']}/{k}": v for k, v in c.items() if k not in ("class", "count")}, 0
+        )
     import matplotlib.image
 
     for name in ("cosine_hist", "circle"):

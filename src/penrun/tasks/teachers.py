@@ -14,7 +14,19 @@ from penrun.data import ImageData
 from penrun.engine import Run, load_checkpoint
 from penrun.errors import ConfigError
 from penrun.models import Classifier, build_classifier
+from penrun.penultimate import PenultimateModel
 from penrun.tasks.common import classifier_spec, trainer_settings
+
+
+def penultimate_model(
+    teacher: Classifier, ckpt: dict[str, Any], path: str | Path, **options: Any
+) -> PenultimateModel:
+    """The vMF model of a teacher's final layer; a checkpoint that cannot give one (a linear
+    head without recorded activation statistics, a bad option) is a ConfigError."""
+    try:
+        return PenultimateModel.from_classifier(teacher, ckpt.get("activation_stats"), **options)
+    except ValueError as err:
+        raise ConfigError(f"teacher checkpoint {str(path)!r}: {err}") from err
 
 
 def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -13,21 +12,20 @@ from penrun.activations import activation_statistics
 from penrun.data import ImageData, num_batches
 from penrun.engine import (
     Run,
+    TrainerSettings,
     accuracy,
     build_optimizer,
     device_batches,
     load_checkpoint,
-    lr_factor,
+    optimize_epoch,
     predict,
-    progress,
     seed_everything,
-    set_lr,
     stability,
     train_epochs,
     update_checkpoint,
 )
 from penrun.models import Classifier, build_classifier
-from penrun.tasks.common import TrainerSettings, classifier_spec, load_data, open_run, setup
+from penrun.tasks.common import classifier_spec, load_data, open_run, setup
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -60,13 +58,12 @@ def train_classifier(
     )
     steps = num_batches(len(data.y_train), settings.batch_size)
 
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(x)
+        return F.cross_entropy(logits, y), {"acc": (logits.argmax(1) == y).float().mean()}
+
     def train_epoch(epoch: int) -> dict[str, float]:
         model.train()
-        start, total_loss, correct = (
-            time.perf_counter(),
-            torch.zeros((), device=device),
-            torch.zeros((), device=device),
-        )
         batches = device_batches(
             data.x_train,
             data.y_train,
@@ -76,22 +73,7 @@ def train_classifier(
             seed=seed,
             epoch=epoch,
         )
-        for x, y in progress(
-            batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress
-        ):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-        n = len(data.y_train)
-        return {
-            "train_loss": total_loss.item() / n,
-            "train_acc": correct.item() / n,
-            "epoch_time": time.perf_counter() - start,
-        }
+        return optimize_epoch(batches, steps, optimizer, step, settings, epoch)
 
     def evaluate(epoch: int) -> dict[str, float]:
         _, logits = predict(model, data.x_test, settings.eval_batch_size, device)

@@ -1,0 +1,132 @@
+"""Speed of task=vae and task=gan on MNIST: the training epoch of each model (the tasks' own
+epoch functions, timed over the first --steps batches and scaled to a full epoch), the one-off
+teacher pass that makes the training conditions, the per-epoch evaluation (sampler, decoder,
+evaluator, metrics) and the generation throughput.
+
+    python scripts/bench_generation.py --steps 60
+
+Networks are untrained (speed does not depend on the weights); the teacher is a LeNet-5 with
+a cosine head (d = 64), the evaluator a ResNet-8, as in the generation experiment's settings
+for MNIST when teacher=lenet5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import replace
+from datetime import date
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from penrun.data import load_dataset
+from penrun.engine import predict, seed_everything
+from penrun.generation import (
+    ConditionSampler,
+    balanced_labels,
+    generation_metrics,
+    training_conditions,
+)
+from penrun.models import build_classifier
+from penrun.penultimate import PenultimateModel
+from penrun.tasks import gan, vae
+from penrun.tasks.common import trainer_settings
+from penrun.tasks.generation import GenerationSetup, sample_images
+
+CLASSIFIER = dict(channels=1, image_size=28, num_classes=10, penultimate_dim=64)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def config(task: str, overrides: list[str]):
+    from penrun.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"task={task}", *overrides])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", default=None, help="defaults to $PENRUN_DATA_DIR")
+    parser.add_argument("--steps", type=int, default=60, help="batches timed per model")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    seed_everything(0)
+    data = load_dataset("mnist", data_dir=args.data_dir)
+    full_steps = len(data.y_train) // args.batch_size
+    part = replace(
+        data,
+        x_train=data.x_train[: args.steps * args.batch_size],
+        y_train=data.y_train[: args.steps * args.batch_size],
+    )
+    teacher = build_classifier("lenet5", **CLASSIFIER).eval()
+    evaluator = build_classifier("resnet8", **CLASSIFIER).eval()
+    base = [f"trainer.batch_size={args.batch_size}", "trainer.progress=false"]
+    settings = trainer_settings(config("vae", base))
+    device, eval_batch = settings.device, settings.eval_batch_size
+
+    conds, t_conds = timed(
+        training_conditions, data.y_train, 10, teacher, data.x_train, eval_batch, device
+    )
+    real, _ = predict(evaluator, data.x_test, eval_batch, device)
+    sampler = ConditionSampler(10, PenultimateModel.from_classifier(teacher))
+    labels = balanced_labels(10, 100)
+    gen = torch.Generator().manual_seed(0)
+    _, t_sampler = timed(sampler, labels, gen)
+    print(f"# {date.today()}, {platform.processor() or platform.machine()}, {args.threads} threads")
+    print(f"teacher pass for the training conditions of {len(data.y_train)} images: {t_conds:.1f} s")
+    print(f"sampler: 1000 conditions from p(a | y): {t_sampler * 1000:.1f} ms")
+    print(
+        "| model | cond | s/step | epoch (s, scaled) | eval/epoch (s) | generation (images/s) |"
+    )
+    print("|---|---|---|---|---|---|")
+    rows = [
+        ("vae", "onehot", []),
+        ("vae", "penultimate", []),
+        ("gan", "onehot", []),
+        ("gan", "penultimate", []),
+        ("gan", "penultimate", ["gan.consistency=1.0"]),
+    ]
+    for task, cond, extra in rows:
+        cfg = config(task, [*base, f"gen.cond={cond}", *extra])
+        s = GenerationSetup(
+            part,
+            settings,
+            0,
+            conds[: len(part.y_train)] if cond == "penultimate" else training_conditions(
+                part.y_train, 10, None, None, eval_batch, device
+            ),
+            sampler if cond == "penultimate" else ConditionSampler(10),
+            teacher.requires_grad_(False),
+            evaluator,
+            real,
+            {},
+        )
+        model = {"vae": vae, "gan": gan}[task].build(cfg, s)
+        row = model.train_epoch(1)
+        per_step = row["epoch_time"] / args.steps
+        fake, t_gen = timed(sample_images, model, s, labels, 0)
+        _, t_metrics = timed(
+            generation_metrics, evaluator, fake, labels, real, 10, eval_batch, device
+        )
+        many = balanced_labels(10, 1000)
+        _, t_many = timed(sample_images, model, s, many, 0)
+        name = cond + (" + consistency" if extra else "")
+        print(
+            f"| {task} | {name} | {per_step:.3f} | {per_step * full_steps:.0f} | "
+            f"{t_gen + t_metrics:.2f} | {len(many) / t_many:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""task=distill: each loss term on its own, both protocols end to end, the bad-input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_task
+from penrun.distill import (
+    LOSSES,
+    class_similarity,
+    dirichlet_targets,
+    entropy,
+    matched_smoothing,
+    smoothed_targets,
+    soft_cross_entropy,
+    synthetic_soft_targets,
+)
+from penrun.errors import ConfigError
+from penrun.models import build_classifier
+from penrun.penultimate import PenultimateModel
+
+QUICK_DISTILL = [
+    "task=distill",
+    "trainer.max_epochs=2",
+    "teacher_trainer.max_epochs=3",
+    "teacher_trainer.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    net = build_classifier("mlp", channels=1, image_size=8, num_classes=10, penultimate_dim=16)
+    return net.eval()
+
+
+def test_synthetic_targets_are_the_teacher_head_on_the_drawn_activations(teacher) -> None:
+    model = PenultimateModel.from_classifier(teacher)
+    y = torch.arange(10).repeat(5)
+    a, targets = synthetic_soft_targets(model, teacher, y, 4.0, torch.Generator().manual_seed(1))
+    expected = F.softmax(teacher.head(a) / 4.0, dim=1)
+    assert torch.allclose(targets, expected, atol=1e-7)
+    assert torch.allclose(
+        a.norm(dim=1), torch.ones(50), atol=1e-5
+    )  # a cosine head: unit activations
+    # The same generator seed gives the same draw; a synthetic a of class y mostly scores y.
+    a2, _ = synthetic_soft_targets(model, teacher, y, 4.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, a2)
+
+
+def test_dirichlet_targets_mean_is_the_normalized_class_similarity(teacher) -> None:
+    sim = class_similarity(teacher.head.effective_weight().detach())
+    assert sim.shape == (10, 10) and torch.allclose(sim.diagonal(), torch.ones(10))
+    torch.manual_seed(0)
+    y = torch.full((20000,), 3)
+    targets = dirichlet_targets(sim, y, beta=2.0)
+    expected = sim[3] / sim[3].sum()
+    # Standard error of each mean is at most sqrt(p(1-p)/(n(beta*sum+1))) < 0.004.
+    assert torch.allclose(targets.mean(0), expected, atol=0.004)
+    assert torch.allclose(targets.sum(1), torch.ones(20000), atol=1e-5)
+
+
+def test_smoothing_matches_the_requested_entropy() -> None:
+    eps = matched_smoothing(1.2, 10)
+    targets = smoothed_targets(torch.tensor([0, 4]), 10, eps)
+    assert entropy(targets).tolist() == pytest.approx([1.2, 1.2], abs=1e-6)
+    assert targets[1, 4] == pytest.approx(1 - eps) and targets[1, 0] == pytest.approx(eps / 9)
+    assert matched_smoothing(10.0, 10) == pytest.approx(0.9, abs=1e-3)  # capped at uniform
+
+
+def test_soft_cross_entropy_is_tau_squared_kl() -> None:
+    logits = torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64)
+    targets = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
+    p = F.softmax(logits / 2.0, dim=1)
+    kl = (targets * (targets / p).log()).sum()
+    assert soft_cross_entropy(logits, targets, 2.0).item() == pytest.approx(
+        4 * kl.item(), rel=1e-12
+    )
+
+
+def test_unlabeled_protocol_on_shifted_digits(tmp_path: Path) -> None:
+    metrics = run_task(
+        [
+            *QUICK_DISTILL,
+            "transfer.shift=rotate",
+            "transfer.shift_strength=20",
+            f"paths.output_dir={tmp_path}",
+        ],
+        tmp_path / "run",
+    )
+    assert metrics["task"] == "distill" and metrics["method"] == "kd+synthetic_head"
+    assert metrics["transfer"] == "digits+rotate(20)" and metrics["labels"] == "none"
+    assert (
+        len(metrics["history"]) == 2
+        and {"train_kd", "train_synthetic_head", "source_acc", "transfer_acc"}
+        <= metrics["history"][0].keys()
+    )
+    assert metrics["teacher_source_acc"] > 0.8 and 0 <= metrics["source_acc"] <= 1
+    assert set(metrics["stability"]) == {"source", "transfer"}
+
+
+@pytest.mark.parametrize(
+    "method", ["ce_synthetic_targets", "ce_dirichlet", "ce_smooth", "kd_feature"]
+)
+def test_labelled_protocol_each_method_runs(tmp_path: Path, method: str) -> None:
+    labels = "distill.labels=5" if method != "kd_feature" else "distill.labels=none"
+    metrics = run_task(
+        [*QUICK_DISTILL, f"method={method}", labels, f"paths.output_dir={tmp_path}"],
+        tmp_path / "run",
+    )
+    assert metrics["method"] == method.replace("ce_", "ce+").replace("kd_", "kd+")
+    if labels == "distill.labels=5":
+        assert metrics["transfer_train_size"] == 50
+
+
+def test_mnist_to_usps_from_the_offline_folder(tmp_path: Path, data_dir: Path) -> None:
+    metrics = run_task(
+        [
+            *QUICK_DISTILL,
+            "data=mnist",
+            "transfer=usps",
+            "teacher=lenet5",
+            "student=lenet5_half",
+            "student.penultimate_dim=64",
+            "data.limit_train=2000",
+            "data.limit_test=500",
+            "transfer.limit_train=500",
+            "transfer.limit_test=300",
+            "method=ce_kd",
+            "distill.labels=all",
+            f"paths.output_dir={tmp_path}",
+        ],
+        tmp_path / "run",
+        data_dir,
+    )
+    assert metrics["source"] == "mnist" and metrics["transfer"] == "usps"
+    assert metrics["transfer_train_size"] == 500 and metrics["teacher_source_acc"] > 0.7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["distill.losses.kd=0", "distill.losses.synthetic_head=0"], r"all loss weights are zero"),
+        (
+            ["method=ce", "distill.labels=none"],
+            r"distill.losses.ce > 0 needs labels, but distill.labels=none",
+        ),
+        (
+            ["student.penultimate_dim=8"],
+            r"distill.losses.synthetic_head needs the student's penultimate space to match the teacher's: student penultimate_dim=8, teacher penultimate_dim=32",
+        ),
+        (
+            ["method=kd_feature", "student.penultimate_dim=8"],
+            r"distill.losses.feature needs .* student penultimate_dim=8, teacher penultimate_dim=32",
+        ),
+        (["distill.labels=many"], r"distill.labels='many' is invalid: use none, all, or a number"),
+        (
+            ["distill.labels=1000", "method=ce"],
+            r"distill.labels=1000 asks for more examples per class than the transfer set has",
+        ),
+        (["distill.losses.kd=-1"], r"distill.losses.kd=-1 is invalid: use a number >= 0"),
+        (
+            ["+distill.losses.magic=1"],
+            r"unknown loss 'magic' in distill.losses; valid: \['ce', 'kd'",
+        ),
+        (["transfer.shift=warp"], r"transfer.shift='warp' is invalid; valid: none, invert, rotate"),
+    ],
+)
+def test_bad_distill_settings_stop_before_training(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_task([*QUICK_DISTILL, *overrides, f"paths.output_dir={tmp_path}"], tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_teacher_checkpoint_for_other_data_is_refused(tmp_path: Path, data_dir: Path) -> None:
+    teacher = run_task(["trainer.max_epochs=1"], tmp_path / "teacher")  # digits, 8x8
+    with pytest.raises(
+        ConfigError, match=r"does not fit the data: image_size 8 \(data mnist: 28\)"
+    ):
+        run_task(
+            [
+                *QUICK_DISTILL,
+                "data=mnist",
+                "transfer=usps",
+                f"teacher_ckpt={teacher['checkpoint']}",
+            ],
+            tmp_path / "run",
+            data_dir,
+        )
+
+
+def test_transfer_labels_outside_the_teachers_classes_are_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "wide.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (30, 8, 8), dtype=np.uint8),
+        y_train=np.arange(30) % 12,
+        x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+        y_test=np.arange(12),
+    )
+    with pytest.raises(
+        ConfigError, match=r"transfer set npz has label 11, outside the teacher's 10 classes"
+    ):
+        run_task(
+            [
+                *QUICK_DISTILL,
+                "transfer=npz",
+                f"transfer.path={path}",
+                f"paths.output_dir={tmp_path}",
+            ],
+            tmp_path / "run",
+        )
+
+
+def test_every_loss_is_registered() -> None:
+    assert set(LOSSES) == {
+        "ce",
+        "kd",
+        "synthetic_targets",
+        "synthetic_head",
+        "feature",
+        "dirichlet",
+        "smooth",
+    }

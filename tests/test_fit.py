@@ -1,0 +1,85 @@
+"""task=fit: the diagnostics of a teacher's vMF model against its real activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+
+from conftest import run_task
+from penrun.diagnostics import ks_distance, linear_probe_accuracy
+from penrun.errors import ConfigError
+
+TEACHER = [
+    "teacher_trainer.max_epochs=4",
+    "teacher_trainer.progress=false",
+    "fit.samples_per_class=200",
+]
+
+
+def test_ks_distance_matches_scipy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, generator=gen), torch.randn(500, generator=gen) + 0.3
+    assert ks_distance(a, b) == pytest.approx(
+        stats.ks_2samp(a.numpy(), b.numpy()).statistic, abs=1e-12
+    )
+
+
+def test_linear_probe_separates_separable_data() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=gen)
+    y = (x[:, 0] > 0).long()
+    assert linear_probe_accuracy(x, y, x, y, 2, epochs=20) > 0.97
+
+
+def test_fit_on_digits(tmp_path: Path) -> None:
+    metrics = run_task(["task=fit", *TEACHER, f"paths.output_dir={tmp_path}"], tmp_path / "run")
+    # The identity: the generative classifier's posterior is the softmax.
+    assert metrics["generative_acc"] == metrics["softmax_acc"] > 0.9
+    assert metrics["posterior_max_abs_diff"] < 1e-5
+    assert metrics["synthetic_to_real_acc"] > 0.5  # far above chance (0.1)
+    per_class = metrics["per_class"]
+    assert len(per_class) == 10 and all(
+        c["kappa_weights"] == pytest.approx(16.0) for c in per_class
+    )
+    assert all(0 <= c["ks_distance"] <= 1 and c["kappa_fitted_test"] > 0 for c in per_class)
+    assert (tmp_path / "run" / "cosine_hist.png").stat().st_size > 1000
+    assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
+
+
+def test_fit_draws_the_circle_for_d2_and_uses_a_given_checkpoint(tmp_path: Path) -> None:
+    teacher = run_task(["teacher.penultimate_dim=2", "trainer.max_epochs=3"], tmp_path / "teacher")
+    metrics = run_task(
+        ["task=fit", f"teacher_ckpt={teacher['checkpoint']}", "fit.samples_per_class=100"],
+        tmp_path / "fit",
+    )
+    assert metrics["dim"] == 2 and metrics["teacher_ckpt"] == teacher["checkpoint"]
+    assert (tmp_path / "fit" / "circle.png").exists()
+
+
+def test_linear_head_without_statistics_is_refused(tmp_path: Path) -> None:
+    teacher = run_task(["teacher.head=linear", "trainer.max_epochs=1"], tmp_path / "teacher")
+    ckpt_path = Path(teacher["checkpoint"])
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["activation_stats"]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(
+        ConfigError,
+        match=r"a linear head \(radius='fixed'\) needs the per-class activation statistics",
+    ):
+        run_task(["task=fit", f"teacher_ckpt={ckpt_path}"], tmp_path / "fit")
+
+
+def test_fit_rejects_a_teacher_for_other_data(tmp_path: Path, data_dir: Path) -> None:
+    teacher = run_task(["trainer.max_epochs=1"], tmp_path / "teacher")
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher checkpoint .* does not fit the data: image_size 8 \(data usps: 16\)",
+    ):
+        run_task(
+            ["task=fit", "data=usps", f"teacher_ckpt={teacher['checkpoint']}"],
+            tmp_path / "fit",
+            data_dir,
+        )
