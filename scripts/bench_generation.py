@@ -13,6 +13,7 @@ for MNIST when teacher=lenet5.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from dataclasses import replace
@@ -62,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    data = load_dataset("mnist", data_dir=args.data_dir)
+    data = load_dataset("mnist", data_dir=args.data_dir or os.environ.get("PENRUN_DATA_DIR"))
     full_steps = len(data.y_train) // args.batch_size
     part = replace(
         data,
@@ -84,11 +85,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     _, t_sampler = timed(sampler, labels, gen)
     print(f"# {date.today()}, {platform.processor() or platform.machine()}, {args.threads} threads")
-    print(f"teacher pass for the training conditions of {len(data.y_train)} images: {t_conds:.1f} s")
-    print(f"sampler: 1000 conditions from p(a | y): {t_sampler * 1000:.1f} ms")
     print(
-        "| model | cond | s/step | epoch (s, scaled) | eval/epoch (s) | generation (images/s) |"
+        f"teacher pass for the training conditions of {len(data.y_train)} images: {t_conds:.1f} s"
     )
+    print(f"sampler: 1000 conditions from p(a | y): {t_sampler * 1000:.1f} ms")
+    print("| model | cond | s/step | epoch (s, scaled) | eval/epoch (s) | generation (images/s) |")
     print("|---|---|---|---|---|---|")
     rows = [
         ("vae", "onehot", []),
@@ -103,9 +104,9 @@ def main() -> None:
             part,
             settings,
             0,
-            conds[: len(part.y_train)] if cond == "penultimate" else training_conditions(
-                part.y_train, 10, None, None, eval_batch, device
-            ),
+            conds[: len(part.y_train)]
+            if cond == "penultimate"
+            else training_conditions(part.y_train, 10, None, None, eval_batch, device),
             sampler if cond == "penultimate" else ConditionSampler(10),
             teacher.requires_grad_(False),
             evaluator,

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from penrun.data import load_dataset, normalize
-from penrun.engine import Run, seed_everything
+from penrun.engine import Run, TrainerSettings, seed_everything
 from penrun.models import build_classifier
-from penrun.engine import TrainerSettings
 from penrun.tasks.train_teacher import record_statistics, train_classifier
 
 

@@ -1,30 +1,42 @@
-"""Every config composes, the run folder names are deterministic, configs are packaged."""
+"""Every config composes, the run folder names are deterministic, presets do what they say."""
 
 from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_config
 from penrun.cli import config_dir, run_key
+
+from conftest import compose_config
+
+GROUPS = (
+    "task",
+    "data",
+    "teacher",
+    "student",
+    "trainer",
+    "transfer",
+    "method",
+    "pair",
+    "experiment",
+)
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-GROUP_OPTIONS = [
-    (g, o) for g in ("task", "data", "teacher", "student", "trainer") for o in options(g)
-]
+GROUP_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_every_option_composes_and_resolves(group: str, option: str) -> None:
-    overrides = [f"{group}={option}"]
-    if (group, option) == ("data", "npz"):
-        overrides.append("data.path=/tmp/x.npz")
-    cfg = compose_config(overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    overrides = [f"+{group}={option}" if group == "pair" else f"{group}={option}"]
+    if option == "npz":
+        overrides.append(f"{group}.path=/tmp/x.npz")
+    if (group, option) == ("task", "report"):
+        overrides.append("sweep_dir=/tmp")
+    resolved = OmegaConf.to_container(compose_config(overrides), resolve=True)
     assert resolved["task"]["name"]
     if group in ("teacher", "student"):
         assert resolved[group]["arch"] and resolved[group]["penultimate_dim"] >= 2
@@ -36,15 +48,25 @@ def test_teacher_and_student_share_one_catalogue() -> None:
     assert set(options("teacher")) == set(options("student")) == set(options("net"))
 
 
-def test_default_is_train_teacher_on_digits_with_cosine_head() -> None:
+def test_default_is_distill_on_digits_with_cosine_heads() -> None:
     cfg = compose_config([])
-    assert (cfg.task.name, cfg.data.name, cfg.teacher.arch, cfg.teacher.head) == (
-        "train_teacher",
-        "digits",
-        "mlp",
-        "cosine",
-    )
+    assert (cfg.task.name, cfg.data.name, cfg.transfer.name) == ("distill", "digits", "digits")
+    assert cfg.transfer.shift != "none" and cfg.teacher.head == cfg.student.head == "cosine"
     assert cfg.teacher.feature_relu is False
+
+
+def test_method_presets_and_single_weights() -> None:
+    cfg = compose_config(["method=ce_kd", "distill.losses.kd=0.5"])
+    active = {k: v for k, v in cfg.distill.losses.items() if v}
+    assert active == {"ce": 1.0, "kd": 0.5} and len(cfg.distill.losses) == 7
+
+
+def test_pairs_set_both_domains() -> None:
+    cfg = compose_config(["+pair=usps_mnist"])
+    assert (cfg.data.name, cfg.transfer.name, cfg.data.image_size) == ("usps", "mnist", 28)
+    assert (
+        cfg.teacher.arch == "lenet5" and cfg.student.penultimate_dim == cfg.teacher.penultimate_dim
+    )
 
 
 def test_run_key_is_safe_and_deterministic() -> None:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_task
 from penrun.distill import (
     LOSSES,
     class_similarity,
@@ -22,6 +21,8 @@ from penrun.distill import (
 from penrun.errors import ConfigError
 from penrun.models import build_classifier
 from penrun.penultimate import PenultimateModel
+
+from conftest import run_task
 
 QUICK_DISTILL = [
     "task=distill",
@@ -92,7 +93,7 @@ def test_unlabeled_protocol_on_shifted_digits(tmp_path: Path) -> None:
         ],
         tmp_path / "run",
     )
-    assert metrics["task"] == "distill" and metrics["method"] == "kd+synthetic_head"
+    assert metrics["task"] == "distill" and metrics["method"] == "kd+synthetic_head+feature"
     assert metrics["transfer"] == "digits+rotate(20)" and metrics["labels"] == "none"
     assert (
         len(metrics["history"]) == 2
@@ -144,7 +145,10 @@ def test_mnist_to_usps_from_the_offline_folder(tmp_path: Path, data_dir: Path) -
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["distill.losses.kd=0", "distill.losses.synthetic_head=0"], r"all loss weights are zero"),
+        (
+            ["distill.losses.kd=0", "distill.losses.synthetic_head=0", "distill.losses.feature=0"],
+            r"all loss weights are zero",
+        ),
         (
             ["method=ce", "distill.labels=none"],
             r"distill.losses.ce > 0 needs labels, but distill.labels=none",
@@ -179,7 +183,9 @@ def test_bad_distill_settings_stop_before_training(
 
 
 def test_teacher_checkpoint_for_other_data_is_refused(tmp_path: Path, data_dir: Path) -> None:
-    teacher = run_task(["trainer.max_epochs=1"], tmp_path / "teacher")  # digits, 8x8
+    teacher = run_task(
+        ["task=train_teacher", "trainer.max_epochs=1"], tmp_path / "teacher"
+    )  # digits, 8x8
     with pytest.raises(
         ConfigError, match=r"does not fit the data: image_size 8 \(data mnist: 28\)"
     ):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import run_task
 from penrun.diagnostics import ks_distance, linear_probe_accuracy
 from penrun.errors import ConfigError
+
+from conftest import run_task
 
 TEACHER = [
     "teacher_trainer.max_epochs=4",
@@ -50,7 +51,10 @@ def test_fit_on_digits(tmp_path: Path) -> None:
 
 
 def test_fit_draws_the_circle_for_d2_and_uses_a_given_checkpoint(tmp_path: Path) -> None:
-    teacher = run_task(["teacher.penultimate_dim=2", "trainer.max_epochs=3"], tmp_path / "teacher")
+    teacher = run_task(
+        ["task=train_teacher", "teacher.penultimate_dim=2", "trainer.max_epochs=3"],
+        tmp_path / "teacher",
+    )
     metrics = run_task(
         ["task=fit", f"teacher_ckpt={teacher['checkpoint']}", "fit.samples_per_class=100"],
         tmp_path / "fit",
@@ -60,7 +64,9 @@ def test_fit_draws_the_circle_for_d2_and_uses_a_given_checkpoint(tmp_path: Path)
 
 
 def test_linear_head_without_statistics_is_refused(tmp_path: Path) -> None:
-    teacher = run_task(["teacher.head=linear", "trainer.max_epochs=1"], tmp_path / "teacher")
+    teacher = run_task(
+        ["task=train_teacher", "teacher.head=linear", "trainer.max_epochs=1"], tmp_path / "teacher"
+    )
     ckpt_path = Path(teacher["checkpoint"])
     ckpt = torch.load(ckpt_path, weights_only=False)
     del ckpt["activation_stats"]
@@ -73,7 +79,7 @@ def test_linear_head_without_statistics_is_refused(tmp_path: Path) -> None:
 
 
 def test_fit_rejects_a_teacher_for_other_data(tmp_path: Path, data_dir: Path) -> None:
-    teacher = run_task(["trainer.max_epochs=1"], tmp_path / "teacher")
+    teacher = run_task(["task=train_teacher", "trainer.max_epochs=1"], tmp_path / "teacher")
     with pytest.raises(
         ConfigError,
         match=r"teacher checkpoint .* does not fit the data: image_size 8 \(data usps: 16\)",

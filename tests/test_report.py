@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from penrun.errors import ConfigError
 from penrun.report import mean_std
+
+from conftest import run_cli
 
 
 def test_mean_std() -> None:

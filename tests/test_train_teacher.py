@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK, run_cli, run_task
 from penrun.engine import CHECKPOINT_FORMAT, load_checkpoint
 from penrun.errors import ConfigError
 
-DIGITS = ["trainer.max_epochs=4"]
+from conftest import QUICK, run_cli, run_task
+
+DIGITS = ["task=train_teacher", "trainer.max_epochs=4"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,9 @@ def test_finished_run_is_reused_not_retrained(digits_run: Path) -> None:
 
 def test_a_different_config_in_the_same_folder_is_refused(digits_run: Path) -> None:
     proc = run_cli(
-        ["trainer.max_epochs=5", f"hydra.run.dir={digits_run}"], cwd=digits_run, check=False
+        ["task=train_teacher", "trainer.max_epochs=5", f"hydra.run.dir={digits_run}"],
+        cwd=digits_run,
+        check=False,
     )
     assert proc.returncode == 2
     assert (
@@ -83,7 +86,7 @@ KILLER = textwrap.dedent(
 
 
 def test_sigkilled_run_resumes_to_the_same_result(tmp_path: Path) -> None:
-    args = [*QUICK, "trainer.max_epochs=4", "seed=3"]
+    args = [*QUICK, *DIGITS, "seed=3"]
     reference = tmp_path / "reference"
     run_cli([*args, f"hydra.run.dir={reference}"], cwd=tmp_path)
 
@@ -117,6 +120,7 @@ def test_sigkilled_run_resumes_to_the_same_result(tmp_path: Path) -> None:
 def test_mnist_lenet5_from_the_offline_folder(tmp_path: Path, data_dir: Path) -> None:
     metrics = run_task(
         [
+            "task=train_teacher",
             "data=mnist",
             "teacher=lenet5",
             "trainer.max_epochs=2",
@@ -148,13 +152,15 @@ def test_mnist_lenet5_from_the_offline_folder(tmp_path: Path, data_dir: Path) ->
 )
 def test_bad_values_stop_before_training(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        run_task([override], tmp_path)
+        run_task(["task=train_teacher", override], tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_bad_value_from_the_command_line_is_a_clean_error(tmp_path: Path) -> None:
     proc = run_cli(
-        ["trainer.batch_size=-4", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, check=False
+        ["task=train_teacher", "trainer.batch_size=-4", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode == 2 and "trainer.batch_size=-4 is invalid" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -253,6 +253,7 @@ class PenultimateModel:
         log_likelihood = log_c + kappa * (a @ mu.T)
         return torch.softmax(self._log_prior(log_c) + log_likelihood, dim=-1).to(h.dtype)
 
+    @torch.no_grad()
     def sample(
         self,
         n: int,
@@ -306,6 +307,8 @@ class PenultimateModel:
             return y.long()
         if balanced:
             return torch.randperm(n, device=device, generator=generator) % k
+        if n == 0:  # multinomial refuses to draw nothing
+            return torch.zeros(0, dtype=torch.long, device=device)
         probs = self.prior(self.mean_radius.mean())
         return torch.multinomial(probs, n, replacement=True, generator=generator)
 

@@ -57,7 +57,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "task": "fit",
         "teacher_ckpt": str(path),
         "kappa_fitted_train": ckpt.get("activation_stats", {}).get("fitted_kappa"),
-        **diagnose(model, head_input(teacher, h.double()), logits.double(), data.y_test, f, cfg.seed, run_.dir),
+        **diagnose(
+            model,
+            head_input(teacher, h.double()),
+            logits.double(),
+            data.y_test,
+            f,
+            cfg.seed,
+            run_.dir,
+        ),
     }
     log_to_tensorboard(run_, metrics)
     run_.write_metrics(metrics, status="complete")
@@ -87,7 +95,10 @@ def diagnose(
     gen = torch.Generator().manual_seed(seed)
     # Class-balanced synthetic activations: compared with the real ones, and the probe's training set.
     synth_a, synth_y = model.sample(k * f.samples_per_class, balanced=True, generator=gen)
-    real_cos, synth_cos = class_cosines(real_a, y, model.mu), class_cosines(synth_a, synth_y, model.mu)
+    real_cos, synth_cos = (
+        class_cosines(real_a, y, model.mu),
+        class_cosines(synth_a, synth_y, model.mu),
+    )
     test_fit = fit_kappa_from_activations(h, y, k)
     per_class = [
         {
