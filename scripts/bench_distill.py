@@ -90,9 +90,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name, weights in SETTINGS.items():
-            times[name].append(
-                time_steps(weights, shared, student, x, y, args.steps, args.batch_size)
-            )
+            times[name].append(time_steps(weights, shared, student, x, y, args.steps, args.batch_size))
     cpu = next(
         (
             ln.split(":", 1)[1].strip()

@@ -76,18 +76,14 @@ def main() -> None:
     settings = trainer_settings(config("vae", base))
     device, eval_batch = settings.device, settings.eval_batch_size
 
-    conds, t_conds = timed(
-        training_conditions, data.y_train, 10, teacher, data.x_train, eval_batch, device
-    )
+    conds, t_conds = timed(training_conditions, data.y_train, 10, teacher, data.x_train, eval_batch, device)
     real, _ = predict(evaluator, data.x_test, eval_batch, device)
     sampler = ConditionSampler(10, PenultimateModel.from_classifier(teacher))
     labels = balanced_labels(10, 100)
     gen = torch.Generator().manual_seed(0)
     _, t_sampler = timed(sampler, labels, gen)
     print(f"# {date.today()}, {platform.processor() or platform.machine()}, {args.threads} threads")
-    print(
-        f"teacher pass for the training conditions of {len(data.y_train)} images: {t_conds:.1f} s"
-    )
+    print(f"teacher pass for the training conditions of {len(data.y_train)} images: {t_conds:.1f} s")
     print(f"sampler: 1000 conditions from p(a | y): {t_sampler * 1000:.1f} ms")
     print("| model | cond | s/step | epoch (s, scaled) | eval/epoch (s) | generation (images/s) |")
     print("|---|---|---|---|---|---|")
@@ -117,9 +113,7 @@ def main() -> None:
         row = model.train_epoch(1)
         per_step = row["epoch_time"] / args.steps
         fake, t_gen = timed(sample_images, model, s, labels, 0)
-        _, t_metrics = timed(
-            generation_metrics, evaluator, fake, labels, real, 10, eval_batch, device
-        )
+        _, t_metrics = timed(generation_metrics, evaluator, fake, labels, real, 10, eval_batch, device)
         many = balanced_labels(10, 1000)
         _, t_many = timed(sample_images, model, s, many, 0)
         name = cond + (" + consistency" if extra else "")

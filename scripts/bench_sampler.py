@@ -31,9 +31,7 @@ from penrun.vmf import sample_vmf
 CASES = {"single": "(a) one mu, kappa = 50", "classes": "(b) 10 classes, kappa 10..80"}
 
 
-def setup(
-    case: str, n: int, d: int, device: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def setup(case: str, n: int, d: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(mu (M, d), per-sample kappa (n,), class index (n,) or None)."""
     gen = torch.Generator().manual_seed(0)
     if case == "single":
@@ -125,9 +123,7 @@ def probe(what: str, case: str, n: int, d: int, device: str) -> None:
 
 def measure_memory(what: str, case: str, n: int, d: int, device: str) -> dict[str, int]:
     args = ["--probe", what, "--case", case, "--n", str(n), "--d", str(d), "--device", device]
-    proc = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
-    )
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

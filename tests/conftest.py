@@ -61,7 +61,5 @@ def run_cli(
         timeout=600,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"penrun {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
+        raise AssertionError(f"penrun {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

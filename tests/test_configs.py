@@ -64,9 +64,7 @@ def test_method_presets_and_single_weights() -> None:
 def test_pairs_set_both_domains() -> None:
     cfg = compose_config(["+pair=usps_mnist"])
     assert (cfg.data.name, cfg.transfer.name, cfg.data.image_size) == ("usps", "mnist", 28)
-    assert (
-        cfg.teacher.arch == "lenet5" and cfg.student.penultimate_dim == cfg.teacher.penultimate_dim
-    )
+    assert cfg.teacher.arch == "lenet5" and cfg.student.penultimate_dim == cfg.teacher.penultimate_dim
 
 
 def test_run_key_is_safe_and_deterministic() -> None:

@@ -51,9 +51,7 @@ def test_cifar10_falls_back_to_the_shared_jpeg_subset(data_dir: Path) -> None:
 def test_resize_and_channels_keep_uint8_range() -> None:
     x = torch.full((2, 1, 16, 16), 200, dtype=torch.uint8)
     y = resize(x, 28)
-    assert (
-        y.shape == (2, 1, 28, 28) and y.dtype == torch.uint8 and int(y.min()) == int(y.max()) == 200
-    )
+    assert y.shape == (2, 1, 28, 28) and y.dtype == torch.uint8 and int(y.min()) == int(y.max()) == 200
     rgb = to_channels(x, 3)
     assert rgb.shape == (2, 3, 16, 16)
     assert torch.equal(to_channels(rgb, 1), x)  # luma weights sum to 1
@@ -115,43 +113,33 @@ def test_npz_mismatched_sizes_need_image_size(tmp_path: Path) -> None:
 
 def test_npz_bad_dtype_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be uint8"):
-        load_dataset(
-            "npz", path=write_npz(tmp_path / "d.npz", x_train=np.zeros((20, 12, 12), np.float32))
-        )
+        load_dataset("npz", path=write_npz(tmp_path / "d.npz", x_train=np.zeros((20, 12, 12), np.float32)))
     with pytest.raises(ConfigError, match="does not exist"):
         load_dataset("npz", path=tmp_path / "nope.npz")
 
 
 def test_unknown_dataset_and_bad_sizes() -> None:
-    with pytest.raises(
-        ConfigError, match=r"unknown dataset 'imagenet'; valid: \['cifar10', 'digits'"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'imagenet'; valid: \['cifar10', 'digits'"):
         load_dataset("imagenet")
     with pytest.raises(ConfigError, match=r"data.channels=2 is invalid: use null, 1 \(grey\) or 3"):
         load_dataset("digits", channels=2)
 
 
 def test_offline_and_missing_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(
-        ConfigError, match=r"Put svhn.npz .* in the data folder .*data.download=true"
-    ):
+    with pytest.raises(ConfigError, match=r"Put svhn.npz .* in the data folder .*data.download=true"):
         load_dataset("svhn", data_dir=tmp_path, cache_dir=tmp_path / "cache", download=False)
 
 
 # ---------------------------------------------------------------- torchvision's own formats
 def idx_bytes(array: np.ndarray) -> bytes:
     code = 0x08  # unsigned byte
-    header = struct.pack(">HBB", 0, code, array.ndim) + b"".join(
-        struct.pack(">I", s) for s in array.shape
-    )
+    header = struct.pack(">HBB", 0, code, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
     return header + array.astype(np.uint8).tobytes()
 
 
 def fake_digit_arrays(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(n)
-    return rng.integers(0, 256, (n, size, size), dtype=np.uint8), (np.arange(n) % 10).astype(
-        np.uint8
-    )
+    return rng.integers(0, 256, (n, size, size), dtype=np.uint8), (np.arange(n) % 10).astype(np.uint8)
 
 
 def test_torchvision_mnist_loader_reads_its_raw_files(tmp_path: Path) -> None:
@@ -186,9 +174,7 @@ def test_fashion_mnist_from_debian_files(tmp_path: Path, monkeypatch: pytest.Mon
     for prefix, n in (("train", 20), ("t10k", 10)):
         x, y = fake_digit_arrays(n, 28)
         for kind, arr, dims in (("images", x, 3), ("labels", y, 1)):
-            (tmp_path / f"{prefix}-{kind}-idx{dims}-ubyte.gz").write_bytes(
-                gzip.compress(idx_bytes(arr))
-            )
+            (tmp_path / f"{prefix}-{kind}-idx{dims}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(arr)))
     monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path)
     d = load_dataset("fashion_mnist", cache_dir=tmp_path / "cache", download=False)
     assert d.x_test.shape == (10, 1, 28, 28) and "Debian" in d.source

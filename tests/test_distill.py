@@ -45,9 +45,7 @@ def test_synthetic_targets_are_the_teacher_head_on_the_drawn_activations(teacher
     a, targets = synthetic_soft_targets(model, teacher, y, 4.0, torch.Generator().manual_seed(1))
     expected = F.softmax(teacher.head(a) / 4.0, dim=1)
     assert torch.allclose(targets, expected, atol=1e-7)
-    assert torch.allclose(
-        a.norm(dim=1), torch.ones(50), atol=1e-5
-    )  # a cosine head: unit activations
+    assert torch.allclose(a.norm(dim=1), torch.ones(50), atol=1e-5)  # a cosine head: unit activations
     # The same generator seed gives the same draw; a synthetic a of class y mostly scores y.
     a2, _ = synthetic_soft_targets(model, teacher, y, 4.0, torch.Generator().manual_seed(1))
     assert torch.equal(a, a2)
@@ -78,9 +76,7 @@ def test_soft_cross_entropy_is_tau_squared_kl() -> None:
     targets = torch.tensor([[0.2, 0.5, 0.3]], dtype=torch.float64)
     p = F.softmax(logits / 2.0, dim=1)
     kl = (targets * (targets / p).log()).sum()
-    assert soft_cross_entropy(logits, targets, 2.0).item() == pytest.approx(
-        4 * kl.item(), rel=1e-12
-    )
+    assert soft_cross_entropy(logits, targets, 2.0).item() == pytest.approx(4 * kl.item(), rel=1e-12)
 
 
 def test_unlabeled_protocol_on_shifted_digits(tmp_path: Path) -> None:
@@ -97,16 +93,13 @@ def test_unlabeled_protocol_on_shifted_digits(tmp_path: Path) -> None:
     assert metrics["transfer"] == "digits+rotate(20)" and metrics["labels"] == "none"
     assert (
         len(metrics["history"]) == 2
-        and {"train_kd", "train_synthetic_head", "source_acc", "transfer_acc"}
-        <= metrics["history"][0].keys()
+        and {"train_kd", "train_synthetic_head", "source_acc", "transfer_acc"} <= metrics["history"][0].keys()
     )
     assert metrics["teacher_source_acc"] > 0.8 and 0 <= metrics["source_acc"] <= 1
     assert set(metrics["stability"]) == {"source", "transfer"}
 
 
-@pytest.mark.parametrize(
-    "method", ["ce_synthetic_targets", "ce_dirichlet", "ce_smooth", "kd_feature"]
-)
+@pytest.mark.parametrize("method", ["ce_synthetic_targets", "ce_dirichlet", "ce_smooth", "kd_feature"])
 def test_labelled_protocol_each_method_runs(tmp_path: Path, method: str) -> None:
     labels = "distill.labels=5" if method != "kd_feature" else "distill.labels=none"
     metrics = run_task(
@@ -183,12 +176,8 @@ def test_bad_distill_settings_stop_before_training(
 
 
 def test_teacher_checkpoint_for_other_data_is_refused(tmp_path: Path, data_dir: Path) -> None:
-    teacher = run_task(
-        ["task=train_teacher", "trainer.max_epochs=1"], tmp_path / "teacher"
-    )  # digits, 8x8
-    with pytest.raises(
-        ConfigError, match=r"does not fit the data: image_size 8 \(data mnist: 28\)"
-    ):
+    teacher = run_task(["task=train_teacher", "trainer.max_epochs=1"], tmp_path / "teacher")  # digits, 8x8
+    with pytest.raises(ConfigError, match=r"does not fit the data: image_size 8 \(data mnist: 28\)"):
         run_task(
             [
                 *QUICK_DISTILL,
@@ -213,9 +202,7 @@ def test_transfer_labels_outside_the_teachers_classes_are_refused(tmp_path: Path
         x_test=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
         y_test=np.arange(12),
     )
-    with pytest.raises(
-        ConfigError, match=r"transfer set npz has label 11, outside the teacher's 10 classes"
-    ):
+    with pytest.raises(ConfigError, match=r"transfer set npz has label 11, outside the teacher's 10 classes"):
         run_task(
             [
                 *QUICK_DISTILL,

@@ -23,9 +23,7 @@ TEACHER = [
 def test_ks_distance_matches_scipy() -> None:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, generator=gen), torch.randn(500, generator=gen) + 0.3
-    assert ks_distance(a, b) == pytest.approx(
-        stats.ks_2samp(a.numpy(), b.numpy()).statistic, abs=1e-12
-    )
+    assert ks_distance(a, b) == pytest.approx(stats.ks_2samp(a.numpy(), b.numpy()).statistic, abs=1e-12)
 
 
 def test_linear_probe_separates_separable_data() -> None:
@@ -42,9 +40,7 @@ def test_fit_on_digits(tmp_path: Path) -> None:
     assert metrics["posterior_max_abs_diff"] < 1e-5
     assert metrics["synthetic_to_real_acc"] > 0.5  # far above chance (0.1)
     per_class = metrics["per_class"]
-    assert len(per_class) == 10 and all(
-        c["kappa_weights"] == pytest.approx(16.0) for c in per_class
-    )
+    assert len(per_class) == 10 and all(c["kappa_weights"] == pytest.approx(16.0) for c in per_class)
     assert all(0 <= c["ks_distance"] <= 1 and c["kappa_fitted_test"] > 0 for c in per_class)
     assert (tmp_path / "run" / "cosine_hist.png").stat().st_size > 1000
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))

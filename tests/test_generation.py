@@ -186,9 +186,7 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_INPUT)
-def test_bad_options_are_refused_before_training(
-    overrides: list[str], message: str, tmp_path: Path
-) -> None:
+def test_bad_options_are_refused_before_training(overrides: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         run_task(["task=vae", f"paths.output_dir={tmp_path}", *overrides], tmp_path / "run")
     assert not (tmp_path / "teachers").exists() and not (tmp_path / "evaluators").exists()
@@ -196,9 +194,7 @@ def test_bad_options_are_refused_before_training(
 
 def test_teacher_for_other_image_sizes_is_refused(tmp_path: Path) -> None:
     teacher = write_classifier(tmp_path / "t.pt", image_size=28)
-    with pytest.raises(
-        ConfigError, match=r"does not fit the data: image_size 28 \(data digits: 8\)"
-    ):
+    with pytest.raises(ConfigError, match=r"does not fit the data: image_size 28 \(data digits: 8\)"):
         run_task(["task=vae", f"teacher_ckpt={teacher}"], tmp_path / "run")
 
 
@@ -216,9 +212,7 @@ def test_linear_head_teacher_without_statistics_is_refused(tmp_path: Path) -> No
 
 def test_evaluator_for_other_classes_is_refused(tmp_path: Path) -> None:
     evaluator = write_classifier(tmp_path / "e.pt", num_classes=5)
-    with pytest.raises(
-        ConfigError, match=r"evaluator checkpoint .* num_classes 5 \(data digits: 10\)"
-    ):
+    with pytest.raises(ConfigError, match=r"evaluator checkpoint .* num_classes 5 \(data digits: 10\)"):
         run_task(["task=vae", "gen.cond=onehot", f"evaluator_ckpt={evaluator}"], tmp_path / "run")
 
 
@@ -232,9 +226,7 @@ THRESHOLD = 0.5
 
 
 @pytest.mark.slow
-def test_vae_on_mnist_teacher_activations_generates_the_asked_class(
-    tmp_path: Path, data_dir: Path
-) -> None:
+def test_vae_on_mnist_teacher_activations_generates_the_asked_class(tmp_path: Path, data_dir: Path) -> None:
     overrides = [
         "task=vae",
         "data=mnist",

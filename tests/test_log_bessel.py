@@ -87,9 +87,7 @@ def test_gradient_is_the_bessel_ratio():
 def test_normalizer_limit_at_zero(d):
     log_area = math.log(2) + d / 2 * math.log(math.pi) - math.lgamma(d / 2)
     k = torch.tensor([0.0, 1e-9], dtype=torch.float64)
-    torch.testing.assert_close(
-        log_vmf_normalizer(k, d), torch.full((2,), -log_area, dtype=torch.float64)
-    )
+    torch.testing.assert_close(log_vmf_normalizer(k, d), torch.full((2,), -log_area, dtype=torch.float64))
 
 
 def test_normalizer_matches_mpmath():

@@ -79,9 +79,7 @@ def test_posterior_gradient_matches_softmax():
 
 
 def test_posterior_of_zero_and_single_h():
-    model = PenultimateModel.from_head(
-        torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0.5, -1])
-    )
+    model = PenultimateModel.from_head(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0.5, -1]))
     torch.testing.assert_close(model.posterior(torch.zeros(2)), torch.softmax(model.bias, 0))
     h = torch.tensor([2.0, -1.0])
     torch.testing.assert_close(model.posterior(h), torch.softmax(model.weight @ h + model.bias, 0))
@@ -110,9 +108,7 @@ def test_equal_norms_and_no_bias_give_uniform_prior():
 
 def test_sample_shapes_labels_and_concentration():
     k, d, n = 5, 16, 20_000
-    weight = F.normalize(torch.randn(k, d), dim=1) * torch.tensor(
-        [[1.0], [2.0], [4.0], [8.0], [16.0]]
-    )
+    weight = F.normalize(torch.randn(k, d), dim=1) * torch.tensor([[1.0], [2.0], [4.0], [8.0], [16.0]])
     model = PenultimateModel.from_head(weight, radius=2.0)
     torch.testing.assert_close(model.kappa, 2 * weight.norm(dim=1))
     a, y = model.sample(n, generator=torch.Generator().manual_seed(0))
@@ -134,9 +130,7 @@ def test_sample_shapes_labels_and_concentration():
 
 
 def test_sample_given_and_balanced_labels():
-    model = PenultimateModel.from_head(
-        torch.randn(4, 8, dtype=F64), radius=torch.tensor([1.0, 2, 3, 4])
-    )
+    model = PenultimateModel.from_head(torch.randn(4, 8, dtype=F64), radius=torch.tensor([1.0, 2, 3, 4]))
     y = torch.tensor([3, 0, 0, 2, 1])
     a, y_out = model.sample(5, y=y, space="input")
     assert torch.equal(y_out, y)
@@ -205,14 +199,10 @@ def test_from_classifier_cosine_and_linear():
     torch.testing.assert_close(fitted.kappa, stats_for(4)["fitted_kappa"])
 
     w, b = torch.randn(4, 8), torch.randn(4)
-    linear = PenultimateModel.from_classifier(
-        classifier("linear", w, b), stats_for(4), kappa_scale=2.0
-    )
+    linear = PenultimateModel.from_classifier(classifier("linear", w, b), stats_for(4), kappa_scale=2.0)
     torch.testing.assert_close(linear.kappa, 2 * stats_for(4)["norm_mean"] * w.norm(dim=1))
     torch.testing.assert_close(linear.bias, b)
-    emp = PenultimateModel.from_classifier(
-        classifier("linear", w), stats_for(4), radius="empirical"
-    )
+    emp = PenultimateModel.from_classifier(classifier("linear", w), stats_for(4), radius="empirical")
     assert isinstance(emp.radius, EmpiricalRadius)
     as64 = emp.to(dtype=F64)
     assert as64.weight.dtype == F64 and as64.radius.quantiles.dtype == F64
@@ -256,9 +246,7 @@ def test_from_head_errors(args, message):
 
 def test_sample_and_quantile_errors():
     model = PenultimateModel.from_head(torch.randn(3, 4))
-    with pytest.raises(
-        ValueError, match=r"space must be one of 'direction', 'input', got 'logits'"
-    ):
+    with pytest.raises(ValueError, match=r"space must be one of 'direction', 'input', got 'logits'"):
         model.sample(2, space="logits")
     with pytest.raises(ValueError, match=r"labels y must lie in \[0, 3\), got values from 0 to 3"):
         model.sample(2, y=torch.tensor([0, 3]))
@@ -271,17 +259,13 @@ def test_sample_and_quantile_errors():
         match=r"quantiles must be nondecreasing along each row, got a decrease at index \(1, 0\)",
     ):
         EmpiricalRadius(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
-    with pytest.raises(
-        ValueError, match=r"quantiles must be a float tensor of shape \(K, Q\) with Q >= 2"
-    ):
+    with pytest.raises(ValueError, match=r"quantiles must be a float tensor of shape \(K, Q\) with Q >= 2"):
         EmpiricalRadius(torch.ones(3, 1))
 
 
 def test_fit_kappa_from_activations_recovers_kappa():
     d, kappas = 64, torch.tensor([5.0, 50.0, 500.0], dtype=F64)
-    mu = F.normalize(
-        torch.randn(3, d, dtype=F64, generator=torch.Generator().manual_seed(0)), dim=1
-    )
+    mu = F.normalize(torch.randn(3, d, dtype=F64, generator=torch.Generator().manual_seed(0)), dim=1)
     y = torch.arange(3).repeat(20_000)
     a = sample_vmf(mu, kappas[y], y, generator=torch.Generator().manual_seed(1))
     h = a * torch.empty(len(y), 1, dtype=F64).uniform_(0.5, 3)  # norms do not matter

@@ -41,9 +41,7 @@ def test_report_of_a_sweep_with_a_missing_run(tmp_path: Path) -> None:
     # Make one run look interrupted after its first epoch.
     broken = runs[0] / "metrics.json"
     metrics = json.loads(broken.read_text())
-    broken.write_text(
-        json.dumps({**metrics, "status": "running", "history": metrics["history"][:1]})
-    )
+    broken.write_text(json.dumps({**metrics, "status": "running", "history": metrics["history"][:1]}))
 
     proc = run_cli(
         [

@@ -37,9 +37,7 @@ def test_run_folder_is_complete(digits_run: Path) -> None:
     for name in ("last.pt", "best.pt"):
         ckpt = load_checkpoint(digits_run / "checkpoints" / name)
         assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["config"]["teacher"]["arch"] == "mlp"
-        assert {"python", "numpy", "torch"} <= ckpt["rng"].keys() and "optimizer" in ckpt[
-            "optimizers"
-        ]
+        assert {"python", "numpy", "torch"} <= ckpt["rng"].keys() and "optimizer" in ckpt["optimizers"]
         stats = ckpt["activation_stats"]
         assert stats["norm_quantiles"].shape == (10, 101) and stats["count"].sum() == 1437
         assert (stats["norm_mean"] > 0).all() and (stats["fitted_kappa"] > 0).all()
@@ -60,10 +58,7 @@ def test_a_different_config_in_the_same_folder_is_refused(digits_run: Path) -> N
         check=False,
     )
     assert proc.returncode == 2
-    assert (
-        "holds a run of a different config" in proc.stderr
-        and "trainer.max_epochs: 4 -> 5" in proc.stderr
-    )
+    assert "holds a run of a different config" in proc.stderr and "trainer.max_epochs: 4 -> 5" in proc.stderr
 
 
 KILLER = textwrap.dedent(
@@ -93,9 +88,7 @@ def test_sigkilled_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     kill_at = 23 * 2 + 9  # 23 steps per digits epoch: mid-way through epoch 3
     script = KILLER.format(kill_at=kill_at, args=[*args, f"hydra.run.dir={killed}"])
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] == 2
     assert (

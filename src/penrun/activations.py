@@ -10,9 +10,7 @@ from penrun.penultimate import fit_kappa_from_activations
 NUM_QUANTILES = 101
 
 
-def activation_statistics(
-    h: torch.Tensor, y: torch.Tensor, num_classes: int
-) -> dict[str, torch.Tensor]:
+def activation_statistics(h: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
     """Norm statistics (mean, std, quantiles of |h|) and the vMF fit of h/|h|, per class."""
     h = h.double()
     norms = h.norm(dim=1)

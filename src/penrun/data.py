@@ -161,9 +161,7 @@ def load_dataset(
     _check_size_args(image_size, channels)
     if name == "npz":
         if not path:
-            raise ConfigError(
-                "data=npz needs data.path=FILE.npz (keys x_train, y_train, x_test, y_test)"
-            )
+            raise ConfigError("data=npz needs data.path=FILE.npz (keys x_train, y_train, x_test, y_test)")
         arrays, source, num_classes = _read_npz(Path(path)), str(path), None
     else:
         spec = DATASETS.get(name)
@@ -269,9 +267,7 @@ def _images_to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
 
 def _labels(y: np.ndarray, what: str) -> torch.Tensor:
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise ConfigError(
-            f"{what} has dtype {y.dtype} and shape {y.shape}: labels must be 1-D integers"
-        )
+        raise ConfigError(f"{what} has dtype {y.dtype} and shape {y.shape}: labels must be 1-D integers")
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -301,9 +297,7 @@ def resize(x: torch.Tensor, size: int, chunk: int = 8192) -> torch.Tensor:
     out = torch.empty((len(x), x.shape[1], size, size), dtype=torch.uint8)
     for start in range(0, len(x), chunk):
         part = x[start : start + chunk].float()
-        part = F.interpolate(
-            part, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+        part = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[start : start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
@@ -313,9 +307,7 @@ def _affine(x: torch.Tensor, angle_deg: float, zoom: float) -> torch.Tensor:
     """Rotate by `angle_deg` and zoom by `zoom` about the centre (zeros fill the corners)."""
     theta = torch.tensor(angle_deg * torch.pi / 180)
     rot = (
-        torch.stack(
-            [torch.stack([theta.cos(), -theta.sin()]), torch.stack([theta.sin(), theta.cos()])]
-        )
+        torch.stack([torch.stack([theta.cos(), -theta.sin()]), torch.stack([theta.sin(), theta.cos()])])
         / zoom
     )
     matrix = torch.cat([rot, torch.zeros(2, 1)], dim=1).expand(len(x), 2, 3)
@@ -360,11 +352,7 @@ def shift_images(data: ImageData, kind: str, strength: float, seed: int = 0) -> 
     """A shifted copy of both splits (a domain shift of one dataset)."""
     if kind not in SHIFTS:
         raise ConfigError(f"transfer.shift={kind!r} is invalid; valid: none, {', '.join(SHIFTS)}")
-    if (
-        not isinstance(strength, int | float)
-        or strength <= 0
-        or (kind == "invert" and strength > 1)
-    ):
+    if not isinstance(strength, int | float) or strength <= 0 or (kind == "invert" and strength > 1):
         raise ConfigError(
             f"transfer.shift_strength={strength!r} is invalid for {kind}: use {SHIFTS[kind][0]} (> 0)"
         )
@@ -388,11 +376,7 @@ def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int
             f"(the rarest class has {int(counts.min())}); use at most that, 'all' or 'none'"
         )
     picks = [torch.nonzero(y == k).flatten() for k in range(num_classes)]
-    return (
-        torch.cat([p[torch.randperm(len(p), generator=gen)[:per_class]] for p in picks])
-        .sort()
-        .values
-    )
+    return torch.cat([p[torch.randperm(len(p), generator=gen)[:per_class]] for p in picks]).sort().values
 
 
 # ---------------------------------------------------------------- batches
@@ -426,9 +410,7 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
 
 
-def subset(
-    data: ImageData, train: int | None = None, test: int | None = None, seed: int = 0
-) -> ImageData:
+def subset(data: ImageData, train: int | None = None, test: int | None = None, seed: int = 0) -> ImageData:
     """A fixed random `train` / `test` examples (None keeps a split whole): for quick runs.
     Random, not the first ones, because some files are sorted by class."""
     gen = torch.Generator().manual_seed(seed)

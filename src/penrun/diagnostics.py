@@ -87,9 +87,7 @@ def plot_cosine_histograms(
     plt.close(fig)
 
 
-def plot_circle(
-    a: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor, path: Path
-) -> None:
+def plot_circle(a: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor, path: Path) -> None:
     """d = 2: activations on the unit circle under the per-class vMF densities."""
     import matplotlib
 

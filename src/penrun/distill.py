@@ -125,9 +125,7 @@ def ce_loss(b: DistillBatch) -> torch.Tensor:
 
 
 def kd_loss(b: DistillBatch) -> torch.Tensor:
-    return soft_cross_entropy(
-        b.student_logits, F.softmax(b.teacher_logits / b.setup.tau, dim=1), b.setup.tau
-    )
+    return soft_cross_entropy(b.student_logits, F.softmax(b.teacher_logits / b.setup.tau, dim=1), b.setup.tau)
 
 
 def synthetic_targets_loss(b: DistillBatch) -> torch.Tensor:
@@ -176,9 +174,7 @@ LOSSES: dict[str, Callable[[DistillBatch], torch.Tensor]] = {
 SAME_DIM_LOSSES = ("synthetic_head", "feature")
 
 
-def total_loss(
-    batch: DistillBatch, weights: dict[str, float]
-) -> tuple[torch.Tensor, dict[str, float]]:
+def total_loss(batch: DistillBatch, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the active terms, and each term's value for the log."""
     terms = {name: LOSSES[name](batch) for name, w in weights.items() if w > 0}
     total = sum(weights[name] * value for name, value in terms.items())

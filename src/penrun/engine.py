@@ -104,9 +104,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_json(path: Path, obj: Any) -> None:
-    atomic_write(
-        path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    )
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n"))
 
 
 def _json_default(obj: Any) -> Any:
@@ -165,9 +163,7 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True
-        )
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     raise ConfigError(f"trainer.optimizer={name!r} is invalid; valid: {list(OPTIMIZERS)}")
 
 
@@ -371,13 +367,6 @@ def train_epochs(
         save_torch(run.last_path, payload)
         run.write_metrics({"history": history}, status="running")
     return history
-
-
-def update_checkpoint(path: Path, **extra: Any) -> None:
-    """Add entries (e.g. activation statistics) to a saved checkpoint, atomically."""
-    ckpt = load_checkpoint(path)
-    ckpt.update(extra)
-    save_torch(path, ckpt)
 
 
 def stability(values: list[float], last: int = 5) -> dict[str, float]:

@@ -56,8 +56,7 @@ class EmpiricalRadius:
         decreasing = q[:, 1:] < q[:, :-1]
         if decreasing.any():
             raise ValueError(
-                f"quantiles must be nondecreasing along each row, got a decrease"
-                f"{_where(decreasing)}"
+                f"quantiles must be nondecreasing along each row, got a decrease{_where(decreasing)}"
             )
         self.quantiles = q
 
@@ -117,18 +116,14 @@ class PenultimateModel:
         like = {"dtype": weight.dtype, "device": weight.device}
         bias = torch.zeros(num_classes, **like) if bias is None else torch.as_tensor(bias, **like)
         if bias.shape != (num_classes,) or not torch.isfinite(bias).all():
-            raise ValueError(
-                f"bias must be finite with shape (K,)=({num_classes},), got {tuple(bias.shape)}"
-            )
+            raise ValueError(f"bias must be finite with shape (K,)=({num_classes},), got {tuple(bias.shape)}")
         if not (math.isfinite(kappa_scale) and kappa_scale >= 0):
             raise ValueError(f"kappa_scale must be >= 0 and finite, got {kappa_scale}")
         fitted = None
         if kappa is not None:
             fitted = torch.as_tensor(kappa, **like)
             if fitted.shape != (num_classes,):
-                raise ValueError(
-                    f"kappa must have shape (K,)=({num_classes},), got {tuple(fitted.shape)}"
-                )
+                raise ValueError(f"kappa must have shape (K,)=({num_classes},), got {tuple(fitted.shape)}")
             _check_kappa(fitted)
         return cls(weight, bias, _checked_radius(radius, num_classes, like), kappa_scale, fitted)
 
@@ -197,9 +192,7 @@ class PenultimateModel:
     def kappa(self) -> Tensor:
         """The sampler's per-class concentration (K,); for an empirical radius this uses each
         class's mean radius (samples use their own drawn radius)."""
-        base = (
-            self.mean_radius * self.weight_norm if self.fitted_kappa is None else self.fitted_kappa
-        )
+        base = self.mean_radius * self.weight_norm if self.fitted_kappa is None else self.fitted_kappa
         return self.kappa_scale * base
 
     def to(self, *args: Any, **kwargs: Any) -> PenultimateModel:
@@ -284,9 +277,7 @@ class PenultimateModel:
             a.mul_(r.unsqueeze(1))
         return a, y
 
-    def _labels(
-        self, n: int, y: Tensor | None, generator: torch.Generator | None, balanced: bool
-    ) -> Tensor:
+    def _labels(self, n: int, y: Tensor | None, generator: torch.Generator | None, balanced: bool) -> Tensor:
         device, k = self.weight.device, self.num_classes
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
@@ -301,8 +292,7 @@ class PenultimateModel:
                 )
             if n and (y.min() < 0 or y.max() >= k):
                 raise ValueError(
-                    f"labels y must lie in [0, {k}), got values from {y.min().item()} "
-                    f"to {y.max().item()}"
+                    f"labels y must lie in [0, {k}), got values from {y.min().item()} to {y.max().item()}"
                 )
             return y.long()
         if balanced:
@@ -325,8 +315,7 @@ def _checked_weight(weight: Tensor) -> Tensor:
     zero = torch.linalg.vector_norm(w, dim=1) == 0
     if zero.any():
         raise ValueError(
-            f"weight rows must be nonzero (a class direction w_k/|w_k|), got a zero row"
-            f"{_where(zero)}"
+            f"weight rows must be nonzero (a class direction w_k/|w_k|), got a zero row{_where(zero)}"
         )
     return w
 

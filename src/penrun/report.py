@@ -68,9 +68,7 @@ def varying_keys(runs: list[RunRecord]) -> list[str]:
     """Config keys whose values differ between runs, apart from the seed."""
     configs = [r.config for r in runs]
     keys = sorted(set().union(*configs)) if configs else []
-    return [
-        k for k in keys if k not in SEED_KEYS and len({json.dumps(c.get(k)) for c in configs}) > 1
-    ]
+    return [k for k in keys if k not in SEED_KEYS and len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
 def mean_std(values: list[float]) -> str:
@@ -91,9 +89,7 @@ def group_runs(runs: list[RunRecord], keys: list[str]) -> dict[tuple, list[RunRe
 def numeric_fields(runs: list[RunRecord]) -> list[str]:
     fields: list[str] = []
     for r in runs:
-        flat = flatten(
-            {k: v for k, v in r.metrics.items() if k not in ("config", "history", "per_class")}
-        )
+        flat = flatten({k: v for k, v in r.metrics.items() if k not in ("config", "history", "per_class")})
         fields += [
             k
             for k, v in flat.items()
@@ -115,10 +111,7 @@ def table(
         line = [*row_key, str(len(members))]
         for col in col_groups:
             cell = [r for r in members if tuple(str(r.value(k)) for k in columns) == col]
-            line += [
-                mean_std([float(r.value(v)) for r in cell if r.value(v) is not None])
-                for v in values
-            ]
+            line += [mean_std([float(r.value(v)) for r in cell if r.value(v) is not None]) for v in values]
         body.append(line)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(line) + " |" for line in body]
@@ -170,9 +163,7 @@ def plot_curves(runs: list[RunRecord], keys: list[str], metric: str, path: Path)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, members in sorted(group_runs(runs, keys).items()):
-        curves = [
-            [row[metric] for row in r.metrics.get("history", []) if metric in row] for r in members
-        ]
+        curves = [[row[metric] for row in r.metrics.get("history", []) if metric in row] for r in members]
         length = min((len(c) for c in curves), default=0)
         if length:
             mean = [statistics.mean(c[i] for c in curves) for i in range(length)]

@@ -67,12 +67,7 @@ def _debye_tail(v: Tensor, p: Tensor) -> Tensor:
 def _debye_log_iv(v: Tensor, x: Tensor) -> Tensor:
     """log I_v(x) for v >= _DEBYE_MIN_ORDER, x > 0: v eta = s - v asinh(v/x), s = sqrt(v^2+x^2)."""
     s = torch.hypot(v, x)
-    return (
-        s
-        - v * torch.asinh(v / x)
-        - 0.5 * (_LOG_2PI + torch.log(s))
-        + torch.log1p(_debye_tail(v, v / s))
-    )
+    return s - v * torch.asinh(v / x) - 0.5 * (_LOG_2PI + torch.log(s)) + torch.log1p(_debye_tail(v, v / s))
 
 
 def _debye_log_ratio(v: Tensor, x: Tensor) -> Tensor:
@@ -82,13 +77,7 @@ def _debye_log_ratio(v: Tensor, x: Tensor) -> Tensor:
     w = 2 * v + 1
     d_asinh = torch.asinh(w / ((v + 1) * s0 + v * s1))  # asinh((v+1)/x) - asinh(v/x)
     tail = torch.log1p(_debye_tail(v + 1, (v + 1) / s1)) - torch.log1p(_debye_tail(v, v / s0))
-    return (
-        w / (s0 + s1)
-        - torch.asinh((v + 1) / x)
-        - v * d_asinh
-        - 0.25 * torch.log1p(w / s0**2)
-        + tail
-    )
+    return w / (s0 + s1) - torch.asinh((v + 1) / x) - v * d_asinh - 0.25 * torch.log1p(w / s0**2) + tail
 
 
 def _series_log_tail(v: Tensor, x: Tensor) -> Tensor:
@@ -252,8 +241,7 @@ def _check_mu(mu: Tensor, name: str = "mu") -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {mu.dtype}")
     if mu.dim() < 1 or mu.shape[-1] < 2:
         raise ValueError(
-            f"{name} must have shape (..., d) with d >= 2 (a direction in R^d), "
-            f"got shape {tuple(mu.shape)}"
+            f"{name} must have shape (..., d) with d >= 2 (a direction in R^d), got shape {tuple(mu.shape)}"
         )
     norm = torch.linalg.vector_norm(mu, dim=-1)
     zero = norm == 0
@@ -282,9 +270,7 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
         )
 
 
-def _sample_cosine(
-    kappa: Tensor, d: int, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
+def _sample_cosine(kappa: Tensor, d: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Wood (1994): t = mu^T x and sqrt(1 - t^2) for per-sample kappa (n,), in float64.
 
     With z = g1 / (g1 + g2) ~ Beta((d-1)/2, (d-1)/2) drawn as two gammas, Wood's proposal
@@ -346,14 +332,10 @@ def sample_vmf(
         _check_kappa(kappa)
     n, (rows, d) = kappa.numel(), mu.shape
     if index is None and rows not in (1, n):
-        raise ValueError(
-            f"without index, mu must have 1 or n={n} rows (one per kappa), got {rows} rows"
-        )
+        raise ValueError(f"without index, mu must have 1 or n={n} rows (one per kappa), got {rows} rows")
     if index is not None:
         if index.shape != (n,):
-            raise ValueError(
-                f"index must have shape (n,)=({n},) like kappa, got {tuple(index.shape)}"
-            )
+            raise ValueError(f"index must have shape (n,)=({n},) like kappa, got {tuple(index.shape)}")
         if validate and n and (index.min() < 0 or index.max() >= rows):
             raise ValueError(
                 f"index must lie in [0, {rows}) (rows of mu), "
@@ -376,9 +358,7 @@ def sample_vmf(
     return out
 
 
-def _fill_rows(
-    out: Tensor, mu: Tensor, t: Tensor, sin: Tensor, generator: torch.Generator | None
-) -> None:
+def _fill_rows(out: Tensor, mu: Tensor, t: Tensor, sin: Tensor, generator: torch.Generator | None) -> None:
     """out <- t mu + sin v, v uniform on the sphere orthogonal to mu (one mu per row)."""
     out.normal_(generator=generator)
     out.addcmul_(torch.linalg.vecdot(out, mu).unsqueeze(1), mu, value=-1)
@@ -386,9 +366,7 @@ def _fill_rows(
     out.mul_(scale.unsqueeze(1)).addcmul_(t.unsqueeze(1), mu)
 
 
-def _fill_single(
-    out: Tensor, mu: Tensor, t: Tensor, sin: Tensor, generator: torch.Generator | None
-) -> None:
+def _fill_single(out: Tensor, mu: Tensor, t: Tensor, sin: Tensor, generator: torch.Generator | None) -> None:
     """As _fill_rows for one shared mu (d,), with BLAS mv and rank-1 updates."""
     out.normal_(generator=generator)
     out.addr_(out @ mu, mu, alpha=-1)
@@ -464,9 +442,7 @@ class VonMisesFisher(Distribution):
         return new
 
     @torch.no_grad()
-    def sample(
-        self, sample_shape: tuple[int, ...] = (), generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample(self, sample_shape: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
         mu = self.mu.reshape(-1, self.dim)
         reps = math.prod(sample_shape)
@@ -482,6 +458,4 @@ class VonMisesFisher(Distribution):
         return log_vmf_normalizer(self.kappa, self.dim) + self.kappa * (value * self.mu).sum(-1)
 
     def entropy(self) -> Tensor:
-        return -log_vmf_normalizer(self.kappa, self.dim) - self.kappa * mean_cosine(
-            self.kappa, self.dim
-        )
+        return -log_vmf_normalizer(self.kappa, self.dim) - self.kappa * mean_cosine(self.kappa, self.dim)

@@ -111,9 +111,7 @@ def lenet5_body(channels: int, image_size: int, width: float) -> tuple[nn.Module
         nn.Flatten(),
     )
     side = (image_size // 2 - 4) // 2
-    body = nn.Sequential(
-        conv, nn.Linear(c2 * side * side, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU()
-    )
+    body = nn.Sequential(conv, nn.Linear(c2 * side * side, f1), nn.ReLU(), nn.Linear(f1, f2), nn.ReLU())
     return body, f2
 
 

@@ -90,9 +90,7 @@ class ConditionalVAE(nn.Module):
     """Encoder q(z | x, c), decoder p(x | z, c) with a Bernoulli likelihood per pixel (grey
     levels as soft targets in [0, 1]), standard normal prior."""
 
-    def __init__(
-        self, channels: int, image_size: int, cond_dim: int, z_dim: int = 16, width: int = 32
-    ):
+    def __init__(self, channels: int, image_size: int, cond_dim: int, z_dim: int = 16, width: int = 32):
         super().__init__()
         check_sizes(channels, image_size, cond_dim, z_dim, width)
         self.z_dim = z_dim
@@ -127,9 +125,7 @@ class ConditionalVAE(nn.Module):
 class Generator(nn.Module):
     """G(z, c): the image decoder with a tanh output."""
 
-    def __init__(
-        self, channels: int, image_size: int, cond_dim: int, z_dim: int = 64, width: int = 32
-    ):
+    def __init__(self, channels: int, image_size: int, cond_dim: int, z_dim: int = 64, width: int = 32):
         super().__init__()
         check_sizes(channels, image_size, cond_dim, z_dim, width)
         self.z_dim = z_dim
@@ -148,9 +144,7 @@ class ProjectionDiscriminator(nn.Module):
         check_sizes(channels, image_size, cond_dim, 1, width)
         self.features = ConvFeatures(channels, image_size, width, spectral=True)
         hidden = 8 * width
-        self.phi = nn.Sequential(
-            spectral_norm(nn.Linear(self.features.out_dim, hidden)), nn.LeakyReLU(0.2)
-        )
+        self.phi = nn.Sequential(spectral_norm(nn.Linear(self.features.out_dim, hidden)), nn.LeakyReLU(0.2))
         self.psi = spectral_norm(nn.Linear(hidden, 1))
         self.embed = spectral_norm(nn.Linear(cond_dim, hidden, bias=False))
 

@@ -110,9 +110,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         settings,
         cfg.seed,
     )
-    metrics = final_metrics(
-        history, teacher_accs, weights, d, source, transfer, len(y_train), teacher_path
-    )
+    metrics = final_metrics(history, teacher_accs, weights, d, source, transfer, len(y_train), teacher_path)
     run_.write_metrics(metrics, status="complete")
     run_.close()
     print(summary(metrics))
@@ -127,9 +125,7 @@ def loss_weights(d: DictConfig) -> dict[str, float]:
         raise ConfigError(f"unknown loss {unknown[0]!r} in distill.losses; valid: {list(LOSSES)}")
     for name, w in weights.items():
         if not isinstance(w, int | float) or w < 0:
-            raise ConfigError(
-                f"distill.losses.{name}={w!r} is invalid: use a number >= 0 (0 turns it off)"
-            )
+            raise ConfigError(f"distill.losses.{name}={w!r} is invalid: use a number >= 0 (0 turns it off)")
     if not any(w > 0 for w in weights.values()):
         raise ConfigError(
             f"all loss weights are zero: set at least one of distill.losses.{{{', '.join(LOSSES)}}} > 0"
@@ -150,9 +146,7 @@ def labels_option(value: Any) -> int | str | None:
     )
 
 
-def check_student(
-    weights: dict[str, float], student_spec: dict[str, Any], teacher: Classifier
-) -> None:
+def check_student(weights: dict[str, float], student_spec: dict[str, Any], teacher: Classifier) -> None:
     for name in SAME_DIM_LOSSES:
         if weights[name] > 0 and student_spec["penultimate_dim"] != teacher.penultimate_dim:
             raise ConfigError(
@@ -168,9 +162,7 @@ def transfer_data(cfg: DictConfig, source: ImageData) -> ImageData:
     transfer = load_data(cfg.transfer, cfg.paths)
     transfer = convert_images(transfer, source.image_size, source.channels)
     if cfg.transfer.shift != "none":
-        transfer = shift_images(
-            transfer, cfg.transfer.shift, cfg.transfer.shift_strength, seed=cfg.seed
-        )
+        transfer = shift_images(transfer, cfg.transfer.shift, cfg.transfer.shift_strength, seed=cfg.seed)
     top = int(max(transfer.y_train.max(), transfer.y_test.max()))
     if top >= source.num_classes:
         raise ConfigError(
@@ -213,16 +205,12 @@ def train_student(
     x_train, y_train = train_set
     device = settings.device
     student = build_classifier(**student_spec).to(device)
-    optimizer = build_optimizer(
-        settings.optimizer, student.parameters(), settings.lr, settings.weight_decay
-    )
+    optimizer = build_optimizer(settings.optimizer, student.parameters(), settings.lr, settings.weight_decay)
     labels = y_train if y_train is not None else torch.zeros(len(x_train), dtype=torch.long)
     steps = num_batches(len(x_train), settings.batch_size)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return total_loss(
-            DistillBatch(shared, student, x, y if y_train is not None else None), weights
-        )
+        return total_loss(DistillBatch(shared, student, x, y if y_train is not None else None), weights)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         student.train()

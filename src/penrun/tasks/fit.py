@@ -38,9 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return done
     f = cfg.fit
     if not (isinstance(f.samples_per_class, int) and f.samples_per_class >= 10):
-        raise ConfigError(
-            f"fit.samples_per_class={f.samples_per_class!r} is invalid: use an integer >= 10"
-        )
+        raise ConfigError(f"fit.samples_per_class={f.samples_per_class!r} is invalid: use an integer >= 10")
     data = load_data(cfg.data, cfg.paths)
     teacher, ckpt, path = obtain_classifier(cfg, data)
     model = penultimate_model(

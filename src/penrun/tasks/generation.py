@@ -132,9 +132,7 @@ def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
     evaluator.to(device)
     if teacher is not None:
         teacher.to(device)
-    conditions = training_conditions(
-        data.y_train, data.num_classes, teacher, data.x_train, batch, device
-    )
+    conditions = training_conditions(data.y_train, data.num_classes, teacher, data.x_train, batch, device)
     real_features, real_logits = predict(evaluator, data.x_test, batch, device)
     diversity_real = per_class(mean_pairwise_distance, real_features, data.y_test, data.num_classes)
     info |= {
@@ -170,9 +168,7 @@ def run_generation(
     def evaluate_full(seed: int) -> dict[str, Any]:
         fake = sample_images(model, s, labels, seed)
         batch, device = settings.eval_batch_size, settings.device
-        return generation_metrics(
-            s.evaluator, fake, labels, s.real_features, k, batch, device, seed
-        )
+        return generation_metrics(s.evaluator, fake, labels, s.real_features, k, batch, device, seed)
 
     def evaluate(epoch: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -205,9 +201,7 @@ def run_generation(
     return metrics
 
 
-def sample_images(
-    model: Generative, s: GenerationSetup, labels: torch.Tensor, seed: int
-) -> torch.Tensor:
+def sample_images(model: Generative, s: GenerationSetup, labels: torch.Tensor, seed: int) -> torch.Tensor:
     """uint8 images of the classes `labels`, from the networks in eval mode."""
     for module in model.modules.values():
         module.eval()
@@ -215,9 +209,7 @@ def sample_images(
     return generate(model.decoder, s.sampler, labels, model.z_dim, seed, batch, device)
 
 
-def write_samples(
-    run_: Run, model: Generative, s: GenerationSetup, per_class: int, seed: int
-) -> None:
+def write_samples(run_: Run, model: Generative, s: GenerationSetup, per_class: int, seed: int) -> None:
     """samples.png (one row per class) and the same grid in TensorBoard."""
     images = sample_images(model, s, balanced_labels(s.data.num_classes, per_class), seed)
     grid = sample_grid(images, per_class)

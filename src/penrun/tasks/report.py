@@ -34,10 +34,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from err
     print(text)
-    print(
-        f"wrote {sweep_dir / 'report.md'}, report.csv"
-        + (", curves.png" if layout.get("curve") else "")
-    )
+    print(f"wrote {sweep_dir / 'report.md'}, report.csv" + (", curves.png" if layout.get("curve") else ""))
     return {"task": "report", "sweep_dir": str(sweep_dir)}
 
 

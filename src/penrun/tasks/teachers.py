@@ -102,19 +102,13 @@ def _train_cached(
     identity = teacher_identity(cfg, net_key, trainer_key, seed_key)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     folder = (
-        Path(cfg.paths.output_dir)
-        / cache
-        / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
+        Path(cfg.paths.output_dir) / cache / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
     )
     run = Run(folder, identity, progress=bool(cfg[trainer_key].progress))
     if run.finished_metrics() is None:
-        print(
-            f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)"
-        )
+        print(f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)")
         settings = trainer_settings(cfg, trainer_key)
-        train_classifier(
-            run, classifier_spec(cfg[net_key], data), data, settings, seed=cfg[seed_key]
-        )
+        train_classifier(run, classifier_spec(cfg[net_key], data), data, settings, seed=cfg[seed_key])
     else:
         print(f"using cached {net_key} {folder}")
     return run.last_path

@@ -19,10 +19,10 @@ from penrun.engine import (
     load_checkpoint,
     optimize_epoch,
     predict,
+    save_torch,
     seed_everything,
     stability,
     train_epochs,
-    update_checkpoint,
 )
 from penrun.models import Classifier, build_classifier
 from penrun.tasks.common import classifier_spec, load_data, open_run, setup
@@ -48,14 +48,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def train_classifier(
     run: Run, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
 ) -> dict[str, Any]:
-    """Cross-entropy training with per-epoch test evaluation; resumes from last.pt, and
-    records the per-class activation statistics of the training set in the checkpoints."""
+    """Train (or resume), record the activation statistics, write the final metrics."""
+    model, history = fit_classifier(run, spec, data, settings, seed)
+    record_statistics(run, model, data, settings)
+    accs = [row["test_acc"] for row in history]
+    metrics = {
+        "task": "train_teacher",
+        "test_acc": accs[-1],
+        "best_test_acc": max(accs),
+        "best_epoch": accs.index(max(accs)) + 1,
+        "stability": stability(accs),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "data": data.describe(),
+        "checkpoint": str(run.last_path),
+        "history": history,
+    }
+    run.write_metrics(metrics, status="complete")
+    run.close()
+    return metrics
+
+
+def fit_classifier(
+    run: Run, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
+) -> tuple[Classifier, list[dict[str, Any]]]:
+    """Cross-entropy training with per-epoch test evaluation; resumes from last.pt."""
     device = settings.device
     seed_everything(seed)
     model = build_classifier(**spec).to(device)
-    optimizer = build_optimizer(
-        settings.optimizer, model.parameters(), settings.lr, settings.weight_decay
-    )
+    optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
     steps = num_batches(len(data.y_train), settings.batch_size)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -89,33 +109,19 @@ def train_classifier(
         monitor="test_acc",
         extra={"classifier": spec, "data": {"name": data.name, "num_classes": data.num_classes}},
     )
-    record_statistics(run, model, data, settings)
-    accs = [row["test_acc"] for row in history]
-    metrics = {
-        "task": "train_teacher",
-        "test_acc": accs[-1],
-        "best_test_acc": max(accs),
-        "best_epoch": accs.index(max(accs)) + 1,
-        "stability": stability(accs),
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "data": data.describe(),
-        "checkpoint": str(run.last_path),
-        "history": history,
-    }
-    run.write_metrics(metrics, status="complete")
-    run.close()
-    return metrics
+    return model, history
 
 
-def record_statistics(
-    run: Run, model: Classifier, data: ImageData, settings: TrainerSettings
-) -> None:
+def record_statistics(run: Run, model: Classifier, data: ImageData, settings: TrainerSettings) -> None:
     """Store the training set's activation statistics in last.pt and best.pt, each for its
-    own weights (the teacher a later task loads is last.pt: best.pt is chosen on test data)."""
-    for path in (run.best_path, run.last_path):
+    own weights (the teacher a later task loads is last.pt: best.pt is chosen on test data).
+    `model` holds the last weights; best.pt reuses their statistics when it is the same epoch."""
+    stats = {}
+    for path in (run.last_path, run.best_path):
         ckpt = load_checkpoint(path)
-        model.load_state_dict(ckpt["modules"]["model"])
-        h, _ = predict(model, data.x_train, settings.eval_batch_size, settings.device)
-        update_checkpoint(
-            path, activation_stats=activation_statistics(h, data.y_train, data.num_classes)
-        )
+        if ckpt["epoch"] not in stats:
+            model.load_state_dict(ckpt["modules"]["model"])
+            h, _ = predict(model, data.x_train, settings.eval_batch_size, settings.device)
+            stats[ckpt["epoch"]] = activation_statistics(h, data.y_train, data.num_classes)
+        ckpt["activation_stats"] = stats[ckpt["epoch"]]
+        save_torch(path, ckpt)

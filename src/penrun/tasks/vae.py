@@ -29,12 +29,10 @@ def kl_weight(epoch: int, warmup_epochs: int) -> float:
 
 def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
     settings, data = s.settings, s.data
-    net = ConditionalVAE(
-        data.channels, data.image_size, s.sampler.dim, cfg.gen.z_dim, cfg.gen.width
-    ).to(settings.device)
-    optimizer = build_optimizer(
-        settings.optimizer, net.parameters(), settings.lr, settings.weight_decay
+    net = ConditionalVAE(data.channels, data.image_size, s.sampler.dim, cfg.gen.z_dim, cfg.gen.width).to(
+        settings.device
     )
+    optimizer = build_optimizer(settings.optimizer, net.parameters(), settings.lr, settings.weight_decay)
     # drop_last: a batch of one would break batch norm.
     steps = num_batches(len(data.y_train), settings.batch_size, drop_last=True)
 
@@ -50,9 +48,7 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
             epoch=epoch,
             drop_last=True,
         )
-        row = optimize_epoch(
-            batches, steps, optimizer, lambda x, c: net.loss(x, c, beta), settings, epoch
-        )
+        row = optimize_epoch(batches, steps, optimizer, lambda x, c: net.loss(x, c, beta), settings, epoch)
         return {**row, "kl_weight": beta}
 
     return Generative({"vae": net}, {"optimizer": optimizer}, train_epoch, net, cfg.gen.z_dim)
