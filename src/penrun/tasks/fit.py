@@ -104,6 +104,9 @@ def diagnose(
             "count": int((y == c).sum()),
             "kappa_weights": model.kappa[c].item(),
             "kappa_fitted_test": test_fit["fitted_kappa"][c].item(),
+            # The fit is about the class's own mean direction, which need not be mu_y.
+            "mean_resultant_length": test_fit["mean_resultant_length"][c].item(),
+            "mean_direction_cos_mu": (test_fit["mean_direction"][c] @ model.mu[c]).item(),
             "mean_cos_real": real_cos[y == c].mean().item(),
             "mean_cos_synthetic": synth_cos[synth_y == c].mean().item(),
             "ks_distance": ks_distance(real_cos[y == c], synth_cos[synth_y == c]),
@@ -147,10 +150,10 @@ def summary(metrics: dict[str, Any]) -> str:
         f"softmax_acc {metrics['softmax_acc']:.4f}  generative_acc {metrics['generative_acc']:.4f}  "
         f"(max |posterior - softmax| {metrics['posterior_max_abs_diff']:.1e})",
         f"synthetic_to_real_acc {metrics['synthetic_to_real_acc']:.4f}  mean KS distance {metrics['mean_ks_distance']:.3f}",
-        "class  kappa(weights)  kappa(fitted)  cos real  cos synth  KS",
+        "class  kappa(weights)  kappa(fitted)  cos(mean dir, mu)  cos real  cos synth  KS",
     ]
     lines += [
-        f"{c['class']:>5}  {c['kappa_weights']:>14.2f}  {c['kappa_fitted_test']:>13.2f}  {c['mean_cos_real']:>8.3f}  {c['mean_cos_synthetic']:>9.3f}  {c['ks_distance']:.3f}"
+        f"{c['class']:>5}  {c['kappa_weights']:>14.2f}  {c['kappa_fitted_test']:>13.2f}  {c['mean_direction_cos_mu']:>17.3f}  {c['mean_cos_real']:>8.3f}  {c['mean_cos_synthetic']:>9.3f}  {c['ks_distance']:.3f}"
         for c in metrics["per_class"]
     ]
     return "\n".join(lines)
