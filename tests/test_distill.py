@@ -224,3 +224,116 @@ def test_every_loss_is_registered() -> None:
         "dirichlet",
         "smooth",
     }
+
+
+# ---------------------------------------------------------------- torchvision-only pairs, offline
+def write_svhn(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SVHN's own format: train_32x32.mat / test_32x32.mat, X (32,32,3,N), labels 1..10 (10 = 0)."""
+    import hashlib
+
+    import numpy as np
+    import torchvision
+    from scipy.io import savemat
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    split_list = {}
+    for split, n in (("train", 40), ("test", 20)):
+        name = f"{split}_32x32.mat"
+        savemat(
+            root / name,
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                "y": (np.arange(n) % 10 + 1)[:, None],
+            },
+        )
+        md5 = hashlib.md5((root / name).read_bytes()).hexdigest()
+        split_list[split] = [torchvision.datasets.SVHN.split_list[split][0], name, md5]
+    # torchvision checks the real files' MD5s; these files are ours.
+    monkeypatch.setattr(torchvision.datasets.SVHN, "split_list", split_list)
+
+
+def write_stl10(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STL-10's binary format: stl10_binary/{train,test}_{X,y}.bin, (N,3,96,96) column-major, labels 1..10."""
+    import numpy as np
+    import torchvision
+
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 30), ("test", 20)):
+        rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8).tofile(folder / f"{split}_X.bin")
+        (np.arange(n) % 10 + 1).astype(np.uint8).tofile(folder / f"{split}_y.bin")
+    (folder / "unlabeled_X.bin").write_bytes(b"")
+    stl = torchvision.datasets.STL10
+    monkeypatch.setattr(stl, "train_list", [[name, None] for name, _ in stl.train_list])
+    monkeypatch.setattr(stl, "test_list", [[name, None] for name, _ in stl.test_list])
+
+
+def test_mnist_to_svhn_through_torchvision_files(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_svhn(tmp_path / "cache" / "svhn", monkeypatch)
+    metrics = run_task(
+        [
+            *QUICK_DISTILL,
+            "data=mnist",
+            "data.limit_train=1000",
+            "data.limit_test=200",
+            "transfer=svhn",
+            "transfer.download=false",
+            "teacher=lenet5",
+            "student=lenet5_half",
+            "method=kd",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.output_dir={tmp_path}",
+        ],
+        tmp_path / "run",
+        data_dir,
+    )
+    assert metrics["transfer"] == "svhn" and metrics["transfer_train_size"] == 40
+
+
+def test_cifar10_to_stl10_aligns_the_classes(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_stl10(tmp_path / "cache" / "stl10", monkeypatch)
+    metrics = run_task(
+        [
+            *QUICK_DISTILL,
+            "data=cifar10",
+            "data.limit_train=500",
+            "data.limit_test=200",
+            "transfer=stl10",
+            "transfer.download=false",
+            "teacher=resnet8",
+            "student=resnet8",
+            "method=kd",
+            "teacher_trainer.max_epochs=1",
+            "trainer.max_epochs=1",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.output_dir={tmp_path}",
+        ],
+        tmp_path / "run",
+        data_dir,
+    )
+    # STL-10's monkeys (label 7) have no CIFAR-10 class: 3 of the 30 training images drop out.
+    assert metrics["transfer"] == "stl10" and metrics["transfer_train_size"] == 27
+
+
+def test_align_classes_maps_stl10_into_cifar10() -> None:
+    from penrun.data import ImageData, align_classes
+
+    y = torch.arange(10)
+    data = ImageData(
+        "stl10",
+        torch.zeros(10, 3, 4, 4, dtype=torch.uint8),
+        y,
+        torch.zeros(10, 3, 4, 4, dtype=torch.uint8),
+        y,
+        10,
+        "test",
+    )
+    aligned = align_classes(data, "cifar10")
+    assert aligned.y_train.tolist() == [0, 2, 1, 3, 4, 5, 7, 8, 9]  # car <-> bird swapped, no monkey
+    assert align_classes(data, "mnist") is data

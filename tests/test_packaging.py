@@ -20,8 +20,12 @@ def test_source_checkout_finds_the_top_level_configs() -> None:
 
 @pytest.mark.slow
 def test_wheel_carries_every_config(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path)], check=True
+    )
     (wheel,) = tmp_path.glob("penrun-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"penrun/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
+    expected = {
+        f"penrun/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")
+    }
     assert expected and expected <= names

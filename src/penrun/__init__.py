@@ -1,8 +1,8 @@
 """penrun: the von Mises-Fisher model of penultimate activations, as an experiment runner.
 
-    from penrun import PenultimateModel, VonMisesFisher
-    model = PenultimateModel.from_classifier(net)          # net.head: cosine or linear
-    activations, labels = model.sample(1000, balanced=True)
+from penrun import PenultimateModel, VonMisesFisher
+model = PenultimateModel.from_classifier(net)          # net.head: cosine or linear
+activations, labels = model.sample(1000, balanced=True)
 """
 
 from penrun.errors import ConfigError

@@ -366,16 +366,42 @@ def shift_images(data: ImageData, kind: str, strength: float, seed: int = 0) -> 
     return replace(data, name=name, x_train=apply(data.x_train), x_test=apply(data.x_test))
 
 
+# Where one dataset's classes sit in another's label space (None: no counterpart). STL-10 has
+# a monkey where CIFAR-10 has a frog, and orders car/bird the other way round.
+CLASS_ALIGNMENT: dict[tuple[str, str], list[int | None]] = {
+    ("stl10", "cifar10"): [0, 2, 1, 3, 4, 5, 7, None, 8, 9],
+}
+
+
+def align_classes(data: ImageData, target: str) -> ImageData:
+    """Relabel `data` into the classes of dataset `target` where they differ, dropping the
+    examples of classes `target` lacks; unchanged when no alignment is known."""
+    mapping = CLASS_ALIGNMENT.get((data.name, target))
+    if mapping is None:
+        return data
+    table = torch.tensor([-1 if m is None else m for m in mapping])
+
+    def relabel(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new = table[y]
+        keep = new >= 0
+        return x[keep], new[keep]
+
+    x_train, y_train = relabel(data.x_train, data.y_train)
+    x_test, y_test = relabel(data.x_test, data.y_test)
+    return replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, num_classes=len(table))
+
+
 def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
     """Indices of `per_class` examples of each class, drawn reproducibly from the seed."""
     gen = torch.Generator().manual_seed(seed)
     counts = torch.bincount(y, minlength=num_classes)
-    if per_class > counts.min():
+    present = counts[counts > 0]  # an aligned set may lack a class (STL-10 has no frog)
+    if per_class > present.min():
         raise ConfigError(
             f"distill.labels={per_class} asks for more examples per class than the transfer set has "
-            f"(the rarest class has {int(counts.min())}); use at most that, 'all' or 'none'"
+            f"(the rarest class has {int(present.min())}); use at most that, 'all' or 'none'"
         )
-    picks = [torch.nonzero(y == k).flatten() for k in range(num_classes)]
+    picks = [torch.nonzero(y == k).flatten() for k in range(num_classes) if counts[k]]
     return torch.cat([p[torch.randperm(len(p), generator=gen)[:per_class]] for p in picks]).sort().values
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from penrun.data import epoch_batches, normalize
 from penrun.errors import ConfigError
+from penrun.models import Classifier, build_classifier
 
 CHECKPOINT_FORMAT = "penrun-checkpoint-v1"
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -139,6 +140,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "pass a checkpoints/last.pt or best.pt written by penrun"
         )
     return ckpt
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """A classifier rebuilt from a penrun checkpoint alone, in eval mode, on the CPU."""
+    ckpt = load_checkpoint(path)
+    if "classifier" not in ckpt:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds no classifier: pass one written by task=train_teacher or task=distill"
+        )
+    model = build_classifier(**ckpt["classifier"])
+    model.load_state_dict(ckpt["modules"]["model"])
+    return model.eval(), ckpt
 
 
 # ---------------------------------------------------------------- config helpers

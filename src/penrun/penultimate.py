@@ -9,6 +9,7 @@ and the Bayes posterior of this generative classifier is softmax(W h + b) for ev
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -170,6 +171,15 @@ class PenultimateModel:
             spec = EmpiricalRadius(stat("norm_quantiles", "a linear head (radius='empirical')"))
         return cls.from_head(weight, bias, spec, kappa_scale, fitted)
 
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **options: Any) -> PenultimateModel:
+        """From a penrun classifier checkpoint (task=train_teacher's last.pt), with the
+        activation statistics recorded in it; options as in `from_classifier`."""
+        from penrun.engine import load_classifier
+
+        model, ckpt = load_classifier(path)
+        return cls.from_classifier(model, ckpt.get("activation_stats"), **options)
+
     @property
     def num_classes(self) -> int:
         return self.weight.shape[0]
@@ -267,10 +277,7 @@ class PenultimateModel:
         _check_option("space", space, SPACE_OPTIONS)
         _check_generator(generator, self.weight.device)
         y = self._labels(n, y, generator, balanced)
-        if isinstance(self.radius, EmpiricalRadius):
-            r = self.radius.sample(y, generator)
-        else:
-            r = self.radius[y]
+        r = self.radius.sample(y, generator) if isinstance(self.radius, EmpiricalRadius) else self.radius[y]
         base = r * self.weight_norm[y] if self.fitted_kappa is None else self.fitted_kappa[y]
         a = sample_vmf(self.mu, self.kappa_scale * base, y, generator=generator, validate=False)
         if space == "input":

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from penrun.data import ImageData, convert_images, labelled_subset, num_batches, shift_images
+from penrun.data import ImageData, align_classes, convert_images, labelled_subset, num_batches, shift_images
 from penrun.distill import (
     LOSSES,
     SAME_DIM_LOSSES,
@@ -159,7 +159,7 @@ def check_student(weights: dict[str, float], student_spec: dict[str, Any], teach
 def transfer_data(cfg: DictConfig, source: ImageData) -> ImageData:
     """The transfer set at the source's size and channels (what the teacher takes), shifted
     if asked; its labels must be among the teacher's classes."""
-    transfer = load_data(cfg.transfer, cfg.paths)
+    transfer = align_classes(load_data(cfg.transfer, cfg.paths), source.name)
     transfer = convert_images(transfer, source.image_size, source.channels)
     if cfg.transfer.shift != "none":
         transfer = shift_images(transfer, cfg.transfer.shift, cfg.transfer.shift_strength, seed=cfg.seed)
@@ -233,7 +233,7 @@ def train_student(
     monitor = "source_acc" if y_train is None else "transfer_acc"
     return train_epochs(
         run,
-        modules={"student": student},
+        modules={"model": student},
         optimizers={"optimizer": optimizer},
         max_epochs=settings.max_epochs,
         train_epoch=train_epoch,

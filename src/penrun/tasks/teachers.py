@@ -11,9 +11,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.data import ImageData
-from penrun.engine import Run, load_checkpoint
+from penrun.engine import Run, load_classifier
 from penrun.errors import ConfigError
-from penrun.models import Classifier, build_classifier
+from penrun.models import Classifier
 from penrun.penultimate import PenultimateModel
 from penrun.tasks.common import classifier_spec, trainer_settings
 
@@ -27,18 +27,6 @@ def penultimate_model(
         return PenultimateModel.from_classifier(teacher, ckpt.get("activation_stats"), **options)
     except ValueError as err:
         raise ConfigError(f"teacher checkpoint {str(path)!r}: {err}") from err
-
-
-def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """A classifier rebuilt from a penrun checkpoint alone, in eval mode, on the CPU."""
-    ckpt = load_checkpoint(path)
-    if "classifier" not in ckpt:
-        raise ConfigError(
-            f"checkpoint {str(path)!r} holds no classifier: pass one written by task=train_teacher"
-        )
-    model = build_classifier(**ckpt["classifier"])
-    model.load_state_dict(ckpt["modules"]["model"])
-    return model.eval(), ckpt
 
 
 def check_fits_data(spec: dict[str, Any], data: ImageData, what: str, path: str | Path) -> None:
