@@ -85,3 +85,21 @@ def test_fit_rejects_a_teacher_for_other_data(tmp_path: Path, data_dir: Path) ->
             tmp_path / "fit",
             data_dir,
         )
+
+
+def test_penultimate_model_from_a_checkpoint_file(tmp_path: Path) -> None:
+    from penrun import PenultimateModel
+
+    teacher = run_task(
+        ["task=train_teacher", "teacher.head=linear", "trainer.max_epochs=1"], tmp_path / "teacher"
+    )
+    fixed = PenultimateModel.from_checkpoint(teacher["checkpoint"])
+    empirical = PenultimateModel.from_checkpoint(teacher["checkpoint"], radius="empirical")
+    a, y = empirical.sample(500, balanced=True, generator=torch.Generator().manual_seed(0), space="input")
+    stats = torch.load(teacher["checkpoint"], weights_only=False)["activation_stats"]
+    norms = a.norm(dim=1).double()
+    # A linear head: radii drawn from the recorded per-class norms, inside their range.
+    assert (norms >= stats["norm_quantiles"][y, 0] - 1e-4).all() and (
+        norms <= stats["norm_quantiles"][y, -1] + 1e-4
+    ).all()
+    assert torch.allclose(fixed.kappa.double(), stats["norm_mean"] * fixed.weight_norm.double(), rtol=1e-5)
