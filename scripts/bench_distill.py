@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 
@@ -25,6 +22,8 @@ from penrun.data import load_dataset, normalize
 from penrun.distill import LOSSES, DistillBatch, DistillSetup, class_similarity, total_loss
 from penrun.models import build_classifier
 from penrun.penultimate import PenultimateModel
+
+from machine import describe_machine
 
 SETTINGS = {
     "kd": {"kd": 1.0},
@@ -91,17 +90,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, weights in SETTINGS.items():
             times[name].append(time_steps(weights, shared, student, x, y, args.steps, args.batch_size))
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    print(
-        f"{date.today()} | {cpu} | torch {torch.__version__} | {args.threads} threads | device {device} | batch {args.batch_size}"
-    )
+    print(f"{describe_machine(device)} | batch {args.batch_size}")
     base = statistics.median(times["kd"])
     print("| losses | ms per step (median of rounds) | vs kd |\n|---|---|---|")
     for name, values in times.items():

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from dataclasses import replace
-from datetime import date
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -35,6 +33,8 @@ from penrun.penultimate import PenultimateModel
 from penrun.tasks import gan, vae
 from penrun.tasks.common import trainer_settings
 from penrun.tasks.generation import GenerationSetup, sample_images
+
+from machine import describe_machine
 
 CLASSIFIER = dict(channels=1, image_size=28, num_classes=10, penultimate_dim=64)
 
@@ -82,7 +82,7 @@ def main() -> None:
     labels = balanced_labels(10, 100)
     gen = torch.Generator().manual_seed(0)
     _, t_sampler = timed(sampler, labels, gen)
-    print(f"# {date.today()}, {platform.processor() or platform.machine()}, {args.threads} threads")
+    print(f"# {describe_machine(device)}")
     print(f"teacher pass for the training conditions of {len(data.y_train)} images: {t_conds:.1f} s")
     print(f"sampler: 1000 conditions from p(a | y): {t_sampler * 1000:.1f} ms")
     print("| model | cond | s/step | epoch (s, scaled) | eval/epoch (s) | generation (images/s) |")

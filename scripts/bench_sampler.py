@@ -15,9 +15,7 @@ on CUDA, torch.cuda.max_memory_allocated. Prints a Markdown report.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -27,6 +25,8 @@ from pathlib import Path
 import torch
 
 from penrun.vmf import sample_vmf
+
+from machine import describe_machine
 
 CASES = {"single": "(a) one mu, kappa = 50", "classes": "(b) 10 classes, kappa 10..80"}
 
@@ -127,21 +127,10 @@ def measure_memory(what: str, case: str, n: int, d: int, device: str) -> dict[st
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def report(args: argparse.Namespace) -> None:
     device = args.device
-    machine = cpu_model() if device == "cpu" else torch.cuda.get_device_name()
-    print(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"- machine: {platform.platform()}; {machine}; {torch.get_num_threads()} torch threads")
-    print(f"- torch {torch.__version__}, python {platform.python_version()}, device {device}")
+    print(f"- machine: {describe_machine(device)}")
     print(f"- n = {args.n}, d = {args.d}, float32, fastest of {args.repeats} alternating repeats")
-    print(f"- load average (1, 5, 15 min) at the start: {Path('/proc/loadavg').read_text()[:14]}")
     print()
     print(
         "| draw | penrun (ms) | randn (ms) | penrun / randn | penrun samples/s "

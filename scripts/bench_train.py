@@ -13,12 +13,9 @@ every epoch; the one-off activation statistics after training are timed separate
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from dataclasses import replace
-from datetime import date
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +24,8 @@ from penrun.data import load_dataset, normalize, subset
 from penrun.engine import Run, TrainerSettings, seed_everything
 from penrun.models import build_classifier
 from penrun.tasks.train_teacher import fit_classifier, record_statistics
+
+from machine import describe_machine
 
 
 def bare_loop(spec: dict, data, settings: TrainerSettings, epochs: int, seed: int) -> float:
@@ -113,17 +112,7 @@ def main() -> None:
     penrun_time, stats_time = penrun_loop(spec, data, settings, args.seed)
     bare_second = bare_loop(spec, data, settings, args.epochs, args.seed)
     bare = min(bare_first, bare_second)
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    print(
-        f"\n{date.today()} | {cpu} | torch {torch.__version__} | {args.threads} threads | {data.describe()}"
-    )
+    print(f"\n{describe_machine()} | {data.describe()}")
     print("| loop | seconds per epoch (train + test pass) |\n|---|---|")
     print(f"| bare PyTorch (best of 2) | {bare / args.epochs:.2f} |")
     print(f"| penrun (incl. checkpoints, metrics, TensorBoard) | {penrun_time / args.epochs:.2f} |")

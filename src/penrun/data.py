@@ -388,7 +388,9 @@ def align_classes(data: ImageData, target: str) -> ImageData:
 
     x_train, y_train = relabel(data.x_train, data.y_train)
     x_test, y_test = relabel(data.x_test, data.y_test)
-    return replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, num_classes=len(table))
+    return replace(
+        data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, num_classes=len(table)
+    )
 
 
 def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:

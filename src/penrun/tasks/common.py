@@ -157,3 +157,14 @@ def run_dir() -> Path:
 
 def open_run(cfg: DictConfig, directory: Path | None = None) -> Run:
     return Run(directory or run_dir(), run_config(cfg), progress=bool(cfg.trainer.progress))
+
+
+def start_run(cfg: DictConfig) -> tuple[TrainerSettings, Run, dict[str, Any] | None]:
+    """Validate, seed, open the run folder; the metrics of a finished run of this config
+    come back too (the task then returns them instead of running again)."""
+    settings = setup(cfg)
+    run = open_run(cfg)
+    done = run.finished_metrics()
+    if done is not None:
+        print(f"{run.dir} is finished: reusing its results")
+    return settings, run, done

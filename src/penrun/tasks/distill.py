@@ -38,16 +38,13 @@ from penrun.engine import (
 from penrun.errors import ConfigError
 from penrun.models import Classifier, build_classifier
 from penrun.penultimate import PenultimateModel
-from penrun.tasks.common import classifier_spec, load_data, open_run, setup
+from penrun.tasks.common import classifier_spec, load_data, start_run
 from penrun.tasks.teachers import obtain_classifier, penultimate_model
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    settings = setup(cfg)
-    run_ = open_run(cfg)
-    done = run_.finished_metrics()
+    settings, run_, done = start_run(cfg)
     if done is not None:
-        print(f"{run_.dir} is finished: reusing its results")
         print(summary(done))
         return done
     d = cfg.distill

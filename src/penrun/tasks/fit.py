@@ -25,16 +25,13 @@ from penrun.engine import accuracy, predict
 from penrun.errors import ConfigError
 from penrun.models import Classifier
 from penrun.penultimate import PenultimateModel, fit_kappa_from_activations
-from penrun.tasks.common import load_data, open_run, setup
+from penrun.tasks.common import load_data, start_run
 from penrun.tasks.teachers import obtain_classifier, penultimate_model
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    settings = setup(cfg)
-    run_ = open_run(cfg)
-    done = run_.finished_metrics()
+    settings, run_, done = start_run(cfg)
     if done is not None:
-        print(f"{run_.dir} is finished: reusing its results")
         return done
     f = cfg.fit
     if not (isinstance(f.samples_per_class, int) and f.samples_per_class >= 10):

@@ -34,7 +34,7 @@ from penrun.generation import (
 )
 from penrun.models import Classifier
 from penrun.penultimate import PenultimateModel
-from penrun.tasks.common import load_data, open_run, setup
+from penrun.tasks.common import load_data, start_run
 from penrun.tasks.teachers import obtain_classifier
 
 
@@ -148,11 +148,9 @@ def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
 def run_generation(
     cfg: DictConfig, build: Callable[[DictConfig, GenerationSetup], Generative]
 ) -> dict[str, Any]:
-    settings = setup(cfg)
-    run_ = open_run(cfg)
-    done = run_.finished_metrics()
+    settings, run_, done = start_run(cfg)
     if done is not None:
-        print(f"{run_.dir} is finished: reusing its results\n{summary(done)}")
+        print(summary(done))
         return done
     check_options(cfg)
     s = prepare(cfg, settings)

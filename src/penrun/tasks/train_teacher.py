@@ -25,15 +25,12 @@ from penrun.engine import (
     train_epochs,
 )
 from penrun.models import Classifier, build_classifier
-from penrun.tasks.common import classifier_spec, load_data, open_run, setup
+from penrun.tasks.common import classifier_spec, load_data, start_run
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    settings = setup(cfg)
-    run_ = open_run(cfg)
-    done = run_.finished_metrics()
+    settings, run_, done = start_run(cfg)
     if done is not None:
-        print(f"{run_.dir} is finished: reusing its results (test_acc {done['test_acc']:.4f})")
         return done
     data = load_data(cfg.data, cfg.paths)
     print(data.describe())
