@@ -173,6 +173,7 @@ def test_bad_distill_settings_stop_before_training(
     with pytest.raises(ConfigError, match=message):
         run_task([*QUICK_DISTILL, *overrides, f"paths.output_dir={tmp_path}"], tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "teachers").exists()  # not even the teacher was trained
 
 
 def test_teacher_checkpoint_for_other_data_is_refused(tmp_path: Path, data_dir: Path) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import statistics
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,17 @@ class RunRecord:
     folder: Path
     metrics: dict[str, Any]
 
-    @property
+    @cached_property
     def config(self) -> dict[str, Any]:
         return flatten(self.metrics.get("config", {}))
 
+    @cached_property
+    def fields(self) -> dict[str, Any]:
+        return flatten({k: v for k, v in self.metrics.items() if k not in ("config", "history")})
+
     def value(self, key: str) -> Any:
         """A metrics.json field (dotted for nested ones) or, failing that, a config key."""
-        flat = flatten({k: v for k, v in self.metrics.items() if k not in ("config", "history")})
-        return flat[key] if key in flat else self.config.get(key)
+        return self.fields[key] if key in self.fields else self.config.get(key)
 
 
 def collect(sweep_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
@@ -89,10 +93,9 @@ def group_runs(runs: list[RunRecord], keys: list[str]) -> dict[tuple, list[RunRe
 def numeric_fields(runs: list[RunRecord]) -> list[str]:
     fields: list[str] = []
     for r in runs:
-        flat = flatten({k: v for k, v in r.metrics.items() if k not in ("config", "history", "per_class")})
         fields += [
             k
-            for k, v in flat.items()
+            for k, v in r.fields.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k not in fields
         ]
     return fields

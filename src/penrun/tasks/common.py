@@ -27,12 +27,13 @@ from penrun.models import build_classifier
 
 # Keys that change neither the numbers nor the meaning of a run; ignored when a run folder
 # is checked against the config that asks to reuse it.
+RUNTIME_TRAINER_KEYS = ("progress", "device", "num_threads")
 VOLATILE_KEYS = tuple(
     ["paths"]
     + [
         f"{node}.{key}"
         for node in ("trainer", "teacher_trainer", "evaluator_trainer")
-        for key in ("progress", "device", "num_threads")
+        for key in RUNTIME_TRAINER_KEYS
     ]
 )
 

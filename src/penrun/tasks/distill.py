@@ -57,10 +57,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = load_data(cfg.data, cfg.paths)
     transfer = transfer_data(cfg, source)
     student_spec = classifier_spec(cfg.student, source)
-    teacher, ckpt, teacher_path = obtain_classifier(cfg, source)
-    check_student(weights, student_spec, teacher)
-    seed_everything(cfg.seed)
     x_train, y_train = transfer_training_set(transfer, labels, cfg.seed)
+    if cfg.teacher_ckpt is None:  # the teacher is trained here: check before training it
+        check_student(weights, student_spec, cfg.teacher.penultimate_dim)
+    teacher, ckpt, teacher_path = obtain_classifier(cfg, source)
+    check_student(weights, student_spec, teacher.penultimate_dim)
+    seed_everything(cfg.seed)
     teacher.to(settings.device)
     model = penultimate_model(
         teacher,
@@ -143,13 +145,13 @@ def labels_option(value: Any) -> int | str | None:
     )
 
 
-def check_student(weights: dict[str, float], student_spec: dict[str, Any], teacher: Classifier) -> None:
+def check_student(weights: dict[str, float], student_spec: dict[str, Any], teacher_dim: int) -> None:
     for name in SAME_DIM_LOSSES:
-        if weights[name] > 0 and student_spec["penultimate_dim"] != teacher.penultimate_dim:
+        if weights[name] > 0 and student_spec["penultimate_dim"] != teacher_dim:
             raise ConfigError(
                 f"distill.losses.{name} needs the student's penultimate space to match the teacher's: "
                 f"student penultimate_dim={student_spec['penultimate_dim']}, teacher penultimate_dim="
-                f"{teacher.penultimate_dim}; set student.penultimate_dim={teacher.penultimate_dim}"
+                f"{teacher_dim}; set student.penultimate_dim={teacher_dim}"
             )
 
 

@@ -15,7 +15,7 @@ from penrun.engine import Run, load_classifier
 from penrun.errors import ConfigError
 from penrun.models import Classifier
 from penrun.penultimate import PenultimateModel
-from penrun.tasks.common import classifier_spec, trainer_settings
+from penrun.tasks.common import RUNTIME_TRAINER_KEYS, classifier_spec, trainer_settings
 
 
 def penultimate_model(
@@ -52,7 +52,7 @@ def teacher_identity(
 ) -> dict[str, Any]:
     """Everything that determines a cached classifier's weights."""
     trainer = OmegaConf.to_container(cfg[trainer_key], resolve=True)
-    for key in ("progress", "device", "num_threads"):
+    for key in RUNTIME_TRAINER_KEYS:
         trainer.pop(key, None)
     return {
         "task": {"name": "train_teacher"},
