@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="batches timed per model")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seed_everything(0)
@@ -70,15 +71,21 @@ def main() -> None:
         x_train=data.x_train[: args.steps * args.batch_size],
         y_train=data.y_train[: args.steps * args.batch_size],
     )
-    teacher = build_classifier("lenet5", **CLASSIFIER).eval()
-    evaluator = build_classifier("resnet8", **CLASSIFIER).eval()
-    base = [f"trainer.batch_size={args.batch_size}", "trainer.progress=false"]
+    base = [
+        f"trainer.batch_size={args.batch_size}",
+        "trainer.progress=false",
+        f"trainer.device={args.device}",
+    ]
     settings = trainer_settings(config("vae", base))
     device, eval_batch = settings.device, settings.eval_batch_size
+    teacher = build_classifier("lenet5", **CLASSIFIER).eval()
+    # p(a | y) is sampled on the CPU, as the tasks do (their teachers load on the CPU).
+    sampler = ConditionSampler(10, PenultimateModel.from_classifier(teacher))
+    teacher.to(device)
+    evaluator = build_classifier("resnet8", **CLASSIFIER).eval().to(device)
 
     conds, t_conds = timed(training_conditions, data.y_train, 10, teacher, data.x_train, eval_batch, device)
     real, _ = predict(evaluator, data.x_test, eval_batch, device)
-    sampler = ConditionSampler(10, PenultimateModel.from_classifier(teacher))
     labels = balanced_labels(10, 100)
     gen = torch.Generator().manual_seed(0)
     _, t_sampler = timed(sampler, labels, gen)

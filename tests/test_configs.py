@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from penrun.cli import config_dir, run_key
+from penrun.cli import config_dir
+from penrun.sweeps import run_key
 
 from conftest import compose_config
 

@@ -23,7 +23,9 @@ TEACHER = [
 def test_ks_distance_matches_scipy() -> None:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, generator=gen), torch.randn(500, generator=gen) + 0.3
-    assert ks_distance(a, b) == pytest.approx(stats.ks_2samp(a.numpy(), b.numpy()).statistic, abs=1e-12)
+    assert ks_distance(a, b) == pytest.approx(
+        stats.ks_2samp(a.double().numpy(), b.double().numpy()).statistic, abs=1e-12
+    )
 
 
 def test_linear_probe_separates_separable_data() -> None:

@@ -56,7 +56,7 @@ def test_report_of_a_sweep_with_a_missing_run(tmp_path: Path) -> None:
     )
     report = (sweep / "report.md").read_text()
     assert "3 complete runs" in report and "Missing or incomplete runs (1)" in report
-    assert f"`{runs[0].relative_to(sweep)}`: status 'running' after 1 epoch(s)" in report
+    assert f"`{runs[0].relative_to(sweep)}`: interrupted after 1 epoch(s)" in report
     table = list(csv.reader((sweep / "report.csv").open()))
     assert table[0] == ["method", "runs", "source_acc", "best_source_acc"]
     assert sorted(row[0] for row in table[1:]) == ["kd", "synthetic_head"]

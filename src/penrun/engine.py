@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from penrun.data import epoch_batches, normalize
+from penrun import distributed
+from penrun.data import epoch_batches, normalize, num_batches
 from penrun.errors import ConfigError
 from penrun.models import Classifier, build_classifier
 
@@ -96,7 +97,10 @@ os.umask(_UMASK)
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename: a reader (or a
-    resumed run) sees the old file or the new one, never half of one."""
+    resumed run) sees the old file or the new one, never half of one. Under torchrun only
+    rank 0 writes: the other ranks hold the same results."""
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -211,11 +215,30 @@ def progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Ite
     )
 
 
+def train_steps(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Optimizer steps per epoch of `device_batches`."""
+    return num_batches(n, batch_size, drop_last or distributed.is_distributed())
+
+
 def device_batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, **order: Any
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(normalized images, labels) on `device`, sliced from uint8 tensors in memory."""
-    for idx in epoch_batches(len(y), batch_size, **order):
+    """Training batches of (normalized images, labels) on `device`, sliced from uint8 tensors
+    in memory. Under torchrun each rank takes its shard of every global batch of `batch_size`
+    and the last partial batch is dropped, so that all ranks step on equal shards."""
+    drop_last = drop_last or distributed.is_distributed()
+    for idx in epoch_batches(
+        len(y), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last
+    ):
+        idx = distributed.shard(idx)
         yield normalize(x[idx].to(device, non_blocking=True)), y[idx].to(device, non_blocking=True)
 
 
@@ -243,24 +266,39 @@ def optimize_epoch(
         optimizer.step()
         for name, value in {"loss": loss.detach(), **logs}.items():
             sums[name] = sums.get(name, 0.0) + value
-    means = {f"train_{name}": float(total / steps) for name, total in sums.items()}
-    return {**means, "epoch_time": time.perf_counter() - start}
+    return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
+
+
+def epoch_means(sums: dict[str, torch.Tensor | float], steps: int) -> dict[str, float]:
+    """train_<name>: the epoch's mean of each summed term, over all ranks under torchrun."""
+    if not sums:
+        return {}
+    means = distributed.mean_over_ranks(
+        torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]) / steps
+    )
+    return {f"train_{name}": float(value) for name, value in zip(sums, means, strict=True)}
 
 
 @torch.no_grad()
 def predict(
     model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate activations and logits of a classifier on uint8 images (on the CPU)."""
+    """Penultimate activations and logits of a classifier on uint8 images (on the CPU).
+    Under torchrun each rank computes a contiguous chunk and every rank gets all of them."""
     was_training = model.training
     model.eval()
+    sizes = distributed.chunk_sizes(len(x))
+    local = x.tensor_split(len(sizes))[distributed.rank()]
     feats, logits = [], []
-    for idx in epoch_batches(len(x), batch_size, shuffle=False):
-        h = model.features(normalize(x[idx].to(device)))
-        feats.append(h.cpu())
-        logits.append(model.head(h).cpu())
+    for idx in epoch_batches(len(local), batch_size, shuffle=False):
+        h = model.features(normalize(local[idx].to(device)))
+        feats.append(h)
+        logits.append(model.head(h))
     model.train(was_training)
-    return torch.cat(feats), torch.cat(logits)
+    return (
+        distributed.gather_chunks(torch.cat(feats), sizes).cpu(),
+        distributed.gather_chunks(torch.cat(logits), sizes).cpu(),
+    )
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -308,10 +346,13 @@ class Run:
 
     @property
     def writer(self):
+        """TensorBoard's writer (rank 0 only: other ranks get one that writes nothing)."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.dir / "tensorboard"))
+            self._writer = (
+                SummaryWriter(str(self.dir / "tensorboard")) if distributed.is_main() else _NoWriter()
+            )
         return self._writer
 
     def log_scalars(self, row: dict[str, Any], step: int) -> None:
@@ -329,6 +370,13 @@ class Run:
             self._writer = None
 
 
+class _NoWriter:
+    """What ranks other than 0 log to."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
 def checkpoint_payload(
     run: Run,
     modules: dict[str, nn.Module],
@@ -344,6 +392,7 @@ def checkpoint_payload(
         "history": history,
         "modules": {name: m.state_dict() for name, m in modules.items()},
         "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+        # Ranks consume random numbers alike (equal shards), so rank 0's state serves all.
         "rng": rng_state(),
         **(extra or {}),
     }
@@ -384,6 +433,7 @@ def train_epochs(
             save_torch(run.best_path, payload)
         save_torch(run.last_path, payload)
         run.write_metrics({"history": history}, status="running")
+        distributed.barrier()  # no rank reads last.pt before rank 0 has written it
     return history
 
 

@@ -2,7 +2,8 @@
 
 Runs are grouped by what their configs differ in, apart from the seed; each cell is the mean
 +- std over the seeds of a group. A run folder without a complete metrics.json is reported as
-missing (interrupted, failed or never started).
+missing, with why: interrupted (and after how many epochs), failed (with the error), or never
+started. The layout is the same whichever Hydra launcher ran the sweep.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from penrun.engine import atomic_write, flatten
+from penrun.sweeps import FAILED_FILE, job_state
 
 SEED_KEYS = ("seed",)
 
@@ -45,26 +47,15 @@ def collect(sweep_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
     for folder in sorted(
         {p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml")}
         | {p.parent for p in sweep_dir.rglob("metrics.json")}
+        | {p.parent for p in sweep_dir.rglob(FAILED_FILE)}
     ):
         if {"teachers", "evaluators"} & set(folder.parts[len(sweep_dir.parts) :]):
             continue  # cached helper classifiers are not runs of the sweep
-        path = folder / "metrics.json"
-        if not path.exists():
-            missing.append(
-                (folder, "no metrics.json (not started, failed, or killed before its first epoch)")
-            )
-            continue
-        metrics = json.loads(path.read_text())
-        if metrics.get("status") != "complete":
-            epochs = len(metrics.get("history", []))
-            missing.append(
-                (
-                    folder,
-                    f"status {metrics.get('status')!r} after {epochs} epoch(s): interrupted or failed",
-                )
-            )
+        state, description = job_state(folder)
+        if state == "complete":
+            done.append(RunRecord(folder, json.loads((folder / "metrics.json").read_text())))
         else:
-            done.append(RunRecord(folder, metrics))
+            missing.append((folder, description))
     return done, missing
 
 

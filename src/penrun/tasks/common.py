@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from penrun import distributed
 from penrun.data import ImageData, load_dataset, subset
 from penrun.engine import (
     OPTIMIZERS,
@@ -77,6 +78,8 @@ def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
         threads is None or (isinstance(threads, int) and threads >= 1),
         f"{key}.num_threads={threads!r} is invalid: use null or an integer >= 1",
     )
+    distributed.check_batch_size(t.batch_size, key)
+    device = distributed.process_device(resolve_device(str(t.device)), str(t.device))
     return TrainerSettings(
         max_epochs=t.max_epochs,
         batch_size=t.batch_size,
@@ -85,19 +88,21 @@ def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
         optimizer=t.optimizer,
         weight_decay=float(t.weight_decay),
         schedule=t.schedule,
-        device=resolve_device(str(t.device)),
+        device=device,
         num_threads=threads,
         progress=bool(t.progress),
     )
 
 
 def setup(cfg: DictConfig) -> TrainerSettings:
-    """Validate the trainer, then seed and set threads: the first thing every task does."""
+    """Validate the trainer, join torchrun's process group if there is one, then seed and set
+    threads: the first thing every task does."""
     _require(
         isinstance(cfg.seed, int) and cfg.seed >= 0,
         f"seed={cfg.seed!r} is invalid: use an integer >= 0",
     )
     settings = trainer_settings(cfg)
+    distributed.init(settings.device)
     set_threads(settings.num_threads)
     seed_everything(cfg.seed)
     return settings

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from penrun.data import ImageData, align_classes, convert_images, labelled_subset, num_batches, shift_images
+from penrun import distributed
+from penrun.data import ImageData, align_classes, convert_images, labelled_subset, shift_images
 from penrun.distill import (
     LOSSES,
     SAME_DIM_LOSSES,
@@ -34,6 +35,7 @@ from penrun.engine import (
     seed_everything,
     stability,
     train_epochs,
+    train_steps,
 )
 from penrun.errors import ConfigError
 from penrun.models import Classifier, build_classifier
@@ -206,17 +208,20 @@ def train_student(
     student = build_classifier(**student_spec).to(device)
     optimizer = build_optimizer(settings.optimizer, student.parameters(), settings.lr, settings.weight_decay)
     labels = y_train if y_train is not None else torch.zeros(len(x_train), dtype=torch.long)
-    steps = num_batches(len(x_train), settings.batch_size)
+    steps = train_steps(len(x_train), settings.batch_size)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return total_loss(DistillBatch(shared, student, x, y if y_train is not None else None), weights)
+
+    # Terms such as synthetic_head leave the student's body without gradient.
+    parallel_step = distributed.data_parallel(student, step, some_unused=True)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         student.train()
         batches = device_batches(
             x_train, labels, settings.batch_size, device, shuffle=True, seed=seed, epoch=epoch
         )
-        return optimize_epoch(batches, steps, optimizer, step, settings, epoch)
+        return optimize_epoch(batches, steps, optimizer, parallel_step, settings, epoch)
 
     def evaluate(epoch: int) -> dict[str, float]:
         return {

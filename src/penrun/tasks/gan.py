@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from penrun.data import num_batches
-from penrun.engine import device_batches, lr_factor, progress, set_lr
+from penrun import distributed
+from penrun.engine import device_batches, epoch_means, lr_factor, progress, set_lr, train_steps
 from penrun.errors import ConfigError
 from penrun.models import Classifier
 from penrun.models.generative import (
@@ -67,11 +67,17 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
         for name, net in (("generator", gen), ("discriminator", disc))
     }
     # drop_last: a batch of one would break batch norm.
-    steps = num_batches(len(data.y_train), settings.batch_size, drop_last=True)
+    steps = train_steps(len(data.y_train), settings.batch_size, drop_last=True)
+    # Under torchrun: G's forward and D's two-pass hinge loss each run through DDP once per
+    # step; D's pass in G's loss is local (its gradients there are discarded).
+    parallel_gen = distributed.data_parallel(gen)
+    parallel_d_loss = distributed.data_parallel(
+        disc, lambda x, fake, c: hinge_d_loss(disc(x, c), disc(fake, c))
+    )
 
     def step(x: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
-        fake = gen(torch.randn(len(x), z_dim, device=device), c)
-        d_loss = hinge_d_loss(disc(x, c), disc(fake.detach(), c))
+        fake = parallel_gen(torch.randn(len(x), z_dim, device=device), c)
+        d_loss = parallel_d_loss(x, fake.detach(), c)
         opts["discriminator"].zero_grad(set_to_none=True)
         d_loss.backward()
         opts["discriminator"].step()
@@ -105,7 +111,6 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
                 set_lr(opt, settings.lr * lr_factor(settings.schedule, position))
             for name, value in step(x, c).items():
                 sums[name] = sums.get(name, 0.0) + value
-        means = {f"train_{name}": float(total / steps) for name, total in sums.items()}
-        return {**means, "epoch_time": time.perf_counter() - start}
+        return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
 
     return Generative({"generator": gen, "discriminator": disc}, opts, train_epoch, gen, z_dim)

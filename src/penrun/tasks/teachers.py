@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from penrun import distributed
 from penrun.data import ImageData
 from penrun.engine import Run, load_classifier
 from penrun.errors import ConfigError
@@ -93,10 +97,32 @@ def _train_cached(
         Path(cfg.paths.output_dir) / cache / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
     )
     run = Run(folder, identity, progress=bool(cfg[trainer_key].progress))
-    if run.finished_metrics() is None:
-        print(f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)")
-        settings = trainer_settings(cfg, trainer_key)
-        train_classifier(run, classifier_spec(cfg[net_key], data), data, settings, seed=cfg[seed_key])
-    else:
-        print(f"using cached {net_key} {folder}")
+    settings = trainer_settings(cfg, trainer_key)
+    # Parallel jobs of a sweep that need the same classifier: one trains it, the others wait.
+    with cache_lock(folder):
+        # Rank 0 decides for all ranks: they train together or not at all.
+        cached = distributed.broadcast_object(run.finished_metrics() is not None)
+        if cached:
+            print(f"using cached {net_key} {folder}")
+        else:
+            print(
+                f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)"
+            )
+            train_classifier(run, classifier_spec(cfg[net_key], data), data, settings, seed=cfg[seed_key])
+    distributed.barrier()
     return run.last_path
+
+
+@contextmanager
+def cache_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a cache folder across processes (held by rank 0 under torchrun)."""
+    if not distributed.is_main():
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from penrun import distributed
 from penrun.activations import activation_statistics
-from penrun.data import ImageData, num_batches
+from penrun.data import ImageData
 from penrun.engine import (
     Run,
     TrainerSettings,
@@ -23,6 +24,7 @@ from penrun.engine import (
     seed_everything,
     stability,
     train_epochs,
+    train_steps,
 )
 from penrun.models import Classifier, build_classifier
 from penrun.tasks.common import classifier_spec, load_data, start_run
@@ -73,11 +75,13 @@ def fit_classifier(
     seed_everything(seed)
     model = build_classifier(**spec).to(device)
     optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
-    steps = num_batches(len(data.y_train), settings.batch_size)
+    steps = train_steps(len(data.y_train), settings.batch_size)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
         return F.cross_entropy(logits, y), {"acc": (logits.argmax(1) == y).float().mean()}
+
+    parallel_step = distributed.data_parallel(model, step)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         model.train()
@@ -90,7 +94,7 @@ def fit_classifier(
             seed=seed,
             epoch=epoch,
         )
-        return optimize_epoch(batches, steps, optimizer, step, settings, epoch)
+        return optimize_epoch(batches, steps, optimizer, parallel_step, settings, epoch)
 
     def evaluate(epoch: int) -> dict[str, float]:
         _, logits = predict(model, data.x_test, settings.eval_batch_size, device)

@@ -8,8 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from penrun.data import num_batches
-from penrun.engine import build_optimizer, device_batches, optimize_epoch
+from penrun import distributed
+from penrun.engine import build_optimizer, device_batches, optimize_epoch, train_steps
 from penrun.errors import ConfigError
 from penrun.models.generative import ConditionalVAE
 from penrun.tasks.generation import GenerationSetup, Generative, run_generation
@@ -34,7 +34,8 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
     )
     optimizer = build_optimizer(settings.optimizer, net.parameters(), settings.lr, settings.weight_decay)
     # drop_last: a batch of one would break batch norm.
-    steps = num_batches(len(data.y_train), settings.batch_size, drop_last=True)
+    steps = train_steps(len(data.y_train), settings.batch_size, drop_last=True)
+    loss = distributed.data_parallel(net, net.loss)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         beta = kl_weight(epoch, cfg.vae.kl_warmup_epochs)
@@ -48,7 +49,7 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
             epoch=epoch,
             drop_last=True,
         )
-        row = optimize_epoch(batches, steps, optimizer, lambda x, c: net.loss(x, c, beta), settings, epoch)
+        row = optimize_epoch(batches, steps, optimizer, lambda x, c: loss(x, c, beta), settings, epoch)
         return {**row, "kl_weight": beta}
 
     return Generative({"vae": net}, {"optimizer": optimizer}, train_epoch, net, cfg.gen.z_dim)

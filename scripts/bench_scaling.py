@@ -1,0 +1,132 @@
+"""How penrun scales out: one train_teacher run on 1 and on N processes (torchrun), and a
+sweep of 4 jobs one after another against Hydra's joblib launcher. Every run is the real
+`penrun` command in a fresh folder; numbers come from its metrics.json and the wall clock.
+
+    PENRUN_DATA_DIR=../shared/data python scripts/bench_scaling.py ddp --procs 1 2
+    python scripts/bench_scaling.py sweep --jobs 4
+    python scripts/bench_scaling.py ddp --device cuda --procs 1     # on a GPU machine
+
+ddp: MNIST, LeNet-5, batch 64, one epoch; samples/s = training images / the epoch's training
+time (rank 0's clock; evaluation and start-up excluded, the wall time says the rest).
+With P processes on the CPU each takes cores // P threads, so every row uses the same cores.
+sweep: 4 train_teacher jobs (MNIST, LeNet-5, one epoch, seeds 0-3); the sequential row gives each job
+every core, the joblib rows give each of n_jobs parallel jobs cores // n_jobs threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from machine import describe_machine
+
+PENRUN = [sys.executable, "-m", "penrun"]
+
+
+def timed(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, check=True, env={**os.environ, **(env or {})}, capture_output=True)
+    return time.perf_counter() - start
+
+
+def bench_ddp(procs: list[int], device: str, cores: int) -> None:
+    print("| processes | threads each | samples/s | epoch (s) | wall (s) |")
+    print("|---|---|---|---|---|")
+    base = None
+    for p in procs:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = [
+                "task=train_teacher",
+                "data=mnist",
+                "teacher=lenet5",
+                "trainer.max_epochs=1",
+                "trainer.progress=false",
+                f"trainer.device={device}",
+                "hydra.run.dir=run",
+            ]
+            threads = max(1, cores // p)
+            if device == "cpu":
+                args.append(f"trainer.num_threads={threads}")
+            launcher = (
+                PENRUN
+                if p == 1
+                else [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={p}",
+                    "-m",
+                    "penrun",
+                ]
+            )
+            wall = timed([*launcher, *args], Path(tmp), {"OMP_NUM_THREADS": str(threads)})
+            metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+            epoch = metrics["history"][0]["epoch_time"]
+            # Training images per epoch: the global batches the run stepped on.
+            rate = 60000 // 64 * 64 / epoch if p > 1 else 60000 / epoch
+            base = base or rate
+            print(
+                f"| {p} | {threads} | {rate:.0f} ({rate / base:.2f}x) | {epoch:.1f} | {wall:.1f} |",
+                flush=True,
+            )
+
+
+def bench_sweep(jobs: int, cores: int) -> None:
+    seeds = ",".join(str(s) for s in range(jobs))
+    common = [
+        "-m",
+        "task=train_teacher",
+        "data=mnist",
+        "teacher=lenet5",
+        "trainer.max_epochs=1",
+        "trainer.progress=false",
+        f"seed={seeds}",
+    ]
+    rows = [("one after another (basic launcher)", [f"trainer.num_threads={cores}"], cores)]
+    for n in sorted({2, jobs}):
+        threads = max(1, cores // n)
+        rows.append(
+            (
+                f"joblib, n_jobs={n}",
+                ["launcher=joblib", f"hydra.launcher.n_jobs={n}", f"trainer.num_threads={threads}"],
+                threads,
+            )
+        )
+    print("| launcher | threads per job | wall (s) |")
+    print("|---|---|---|")
+    base = None
+    for name, extra, threads in rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            wall = timed([*PENRUN, *common, *extra], Path(tmp), {"OMP_NUM_THREADS": str(threads)})
+        base = base or wall
+        print(f"| {name} | {threads} | {wall:.1f} ({base / wall:.2f}x) |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    ddp = sub.add_parser("ddp")
+    ddp.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ddp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    sweep = sub.add_parser("sweep")
+    sweep.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    print(describe_machine("cuda" if getattr(args, "device", "cpu") == "cuda" else "cpu"))
+    if args.what == "ddp":
+        bench_ddp(args.procs, args.device, args.cores)
+    else:
+        bench_sweep(args.jobs, args.cores)
+
+
+if __name__ == "__main__":
+    main()
