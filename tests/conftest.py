@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,33 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"penrun {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+KILLER = """
+import os, signal, sys, torch
+steps = 0
+original = torch.optim.Adam.step
+def step(self, *args, **kwargs):
+    global steps
+    steps += 1
+    if steps == {kill_at} and os.environ.get("RANK", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+torch.optim.Adam.step = step
+sys.argv = ["penrun", *{args!r}]
+from penrun.cli import main
+main()
+"""
+
+
+def killer_script(args: list[str], kill_at: int) -> str:
+    """A Python program that runs `penrun ARGS` and SIGKILLs itself (rank 0 under torchrun)
+    at the `kill_at`-th optimizer step of the process."""
+    return KILLER.format(kill_at=kill_at, args=[*QUICK, *args])
+
+
+def history_without_times(folder: Path) -> list[dict]:
+    """A complete run's per-epoch history, without the wall-clock fields."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    return [{k: v for k, v in row.items() if k != "epoch_time"} for row in metrics["history"]]

@@ -15,7 +15,7 @@ from penrun import distributed
 from penrun.engine import load_checkpoint
 from penrun.errors import ConfigError
 
-from conftest import QUICK
+from conftest import QUICK, history_without_times, killer_script
 
 # 1024 digits (16 global batches of 64, none partial) so that 1 and 2 processes see the same
 # batches; one thread per process on the 2-core machine.
@@ -29,22 +29,6 @@ ARGS = [
     "trainer.device=cpu",  # gloo on the CPU, also on a machine with one GPU
 ]
 STEPS_PER_EPOCH = 16
-
-KILLER = """
-import os, signal, sys
-import torch
-from penrun.cli import main
-original, steps = torch.optim.Adam.step, 0
-def step(self, *args, **kwargs):
-    global steps
-    steps += 1
-    if steps == {kill_at} and os.environ["RANK"] == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, *args, **kwargs)
-torch.optim.Adam.step = step
-sys.argv = ["penrun", *{args!r}]
-main()
-"""
 
 
 def torchrun(target: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -61,12 +45,6 @@ def torchrun(target: list[str], cwd: Path, check: bool = True) -> subprocess.Com
     return proc
 
 
-def history(folder: Path) -> list[dict]:
-    metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["status"] == "complete"
-    return [{k: v for k, v in row.items() if k != "epoch_time"} for row in metrics["history"]]
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("ddp") / "two"
@@ -79,7 +57,7 @@ def test_two_processes_match_one_process(two_process_run: Path, tmp_path: Path) 
     subprocess.run(
         [sys.executable, "-m", "penrun", *ARGS, f"hydra.run.dir={one}"], cwd=tmp_path, check=True, timeout=600
     )
-    single, double = history(one), history(two_process_run)
+    single, double = history_without_times(one), history_without_times(two_process_run)
     # Same global batches and averaged gradients; batch norm normalizes each rank's half of a
     # batch on the CPU (SyncBatchNorm needs a GPU), so the runs differ slightly: measured 0.017
     # in accuracy and 0.013 in the loss at most.
@@ -99,14 +77,14 @@ def test_killed_two_process_run_resumes_to_the_same_result(two_process_run: Path
     killed = tmp_path / "killed"
     args = [*ARGS, f"hydra.run.dir={killed}"]
     script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(kill_at=STEPS_PER_EPOCH * 2 + 5, args=args))
+    script.write_text(killer_script(args, kill_at=STEPS_PER_EPOCH * 2 + 5))
     proc = torchrun([str(script)], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] == 2
 
     resumed = torchrun(["-m", "penrun", *args], cwd=tmp_path)
     assert "from epoch 2" in resumed.stderr
-    assert history(killed) == history(two_process_run)
+    assert history_without_times(killed) == history_without_times(two_process_run)
     ref = load_checkpoint(two_process_run / "checkpoints" / "last.pt")["modules"]["model"]
     got = load_checkpoint(killed / "checkpoints" / "last.pt")["modules"]["model"]
     assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -84,8 +84,9 @@ def init(device: torch.device) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. No barrier: after a failure on one rank the others may be
+    waiting in a collective, and torchrun stops them when this process exits."""
     if is_distributed():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -108,6 +109,15 @@ def broadcast_object(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

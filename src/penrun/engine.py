@@ -381,10 +381,15 @@ def checkpoint_payload(
     run: Run,
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
     epoch: int,
     history: list[dict],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    # Random states of every rank (rank order), so that each resumes its own stream.
+    states = distributed.gather_objects(
+        {"global": rng_state(), "generators": {name: g.get_state() for name, g in generators.items()}}
+    )
     return {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
@@ -392,10 +397,17 @@ def checkpoint_payload(
         "history": history,
         "modules": {name: m.state_dict() for name, m in modules.items()},
         "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
-        # Ranks consume random numbers alike (equal shards), so rank 0's state serves all.
-        "rng": rng_state(),
+        "rng": states,
         **(extra or {}),
     }
+
+
+def restore_random_states(states: list[dict[str, Any]], generators: dict[str, torch.Generator]) -> None:
+    """This rank's random states from a checkpoint (rank 0's if it was written by fewer ranks)."""
+    state = states[distributed.rank()] if distributed.rank() < len(states) else states[0]
+    set_rng_state(state["global"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
 
 
 def train_epochs(
@@ -407,10 +419,13 @@ def train_epochs(
     train_epoch: Callable[[int], dict[str, float]],
     evaluate: Callable[[int], dict[str, float]],
     monitor: str,
+    generators: dict[str, torch.Generator] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The epoch loop: train, evaluate, log, checkpoint. Resumes from last.pt when present;
-    RNG states are restored with the weights, so a resumed run reproduces the uninterrupted one."""
+    random states (global and the task's own `generators`) are restored with the weights, so
+    a resumed run reproduces the uninterrupted one."""
+    generators = generators or {}
     history: list[dict[str, Any]] = []
     start = 1
     ckpt = run.load_last()
@@ -419,7 +434,7 @@ def train_epochs(
             module.load_state_dict(ckpt["modules"][name])
         for name, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
-        set_rng_state(ckpt["rng"])
+        restore_random_states(ckpt["rng"], generators)
         history, start = ckpt["history"], ckpt["epoch"] + 1
         print(f"resuming {run.dir} from epoch {ckpt['epoch']}", file=sys.stderr)
     best = max((row[monitor] for row in history), default=-math.inf)
@@ -427,7 +442,7 @@ def train_epochs(
         row = {"epoch": epoch, **train_epoch(epoch), **evaluate(epoch)}
         history.append(row)
         run.log_scalars(row, epoch)
-        payload = checkpoint_payload(run, modules, optimizers, epoch, history, extra)
+        payload = checkpoint_payload(run, modules, optimizers, generators, epoch, history, extra)
         if row[monitor] > best:
             best = row[monitor]
             save_torch(run.best_path, payload)

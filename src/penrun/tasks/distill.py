@@ -84,9 +84,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         smooth_epsilon=smoothing_for(model, teacher, float(d.tau), generator)
         if weights["smooth"] > 0
         else 0.0,
-        synthetic_batch=settings.batch_size,
+        synthetic_batch=settings.batch_size // distributed.world_size(),
         generator=generator,
     )
+    if distributed.rank():  # each rank draws its own synthetic activations; rank 0 as one process
+        generator.manual_seed(cfg.seed + 1_000_003 * distributed.rank())
     teacher_accs = {
         "teacher_source_acc": accuracy(
             predict(teacher, source.x_test, settings.eval_batch_size, settings.device)[1],
@@ -243,6 +245,7 @@ def train_student(
         train_epoch=train_epoch,
         evaluate=evaluate,
         monitor=monitor,
+        generators={"synthetic": shared.generator},
         extra={"classifier": student_spec},
     )
 
