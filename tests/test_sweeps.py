@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from penrun import sweeps
+from penrun.cli import config_dir
 from penrun.errors import ConfigError
 
 from conftest import run_cli
@@ -139,3 +141,21 @@ def test_a_missing_launcher_plugin_names_its_package(
 
 def test_installed_launchers_pass_the_check() -> None:
     sweeps.check_launcher_plugins(["hydra/launcher=joblib", "launcher=slurm", "launcher=local"])
+
+
+def test_the_plan_expands_an_experiments_own_sweep() -> None:
+    """experiment=generation sweeps in its config (hydra.sweeper.params), not on the command line."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["experiment=generation", "trainer.lr=0.01"], return_hydra_config=True
+        )
+        jobs = sweeps.plan_jobs(cfg)
+    # task x gen.cond x data x seed from the experiment, each with the command line's lr
+    assert len(jobs) == 2 * 2 * 2 * 3 == len({job.folder for job in jobs})
+    last = jobs[-1]
+    assert last.folder == Path(
+        "outputs/multirun/generation/gan/data=mnist,experiment=generation,gen.cond=penultimate,seed=2,trainer.lr=0.01"
+    )
+    assert last.config["task"]["name"] == "gan" and last.config["trainer"]["max_epochs"] == 10
+    assert last.config["trainer"]["lr"] == 0.01
+    assert "hydra" not in last.config and "paths" not in last.config

@@ -130,7 +130,8 @@ class PlannedJob:
 
 
 def plan_jobs(config: DictConfig) -> list[PlannedJob]:
-    """Every job of a basic-sweeper sweep, composed as the launcher will compose it."""
+    """Every job of a basic-sweeper sweep, composed as the launcher will compose it (through
+    Hydra's own BasicSweeper.split_arguments; hydra-core is pinned below 1.4 for this)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -138,8 +139,11 @@ def plan_jobs(config: DictConfig) -> list[PlannedJob]:
     from penrun.tasks.common import run_config
 
     loader = GlobalHydra.instance().config_loader()
-    task_overrides = list(config.hydra.overrides.task)
-    parsed = OverridesParser.create().parse_overrides(task_overrides)
+    # As BasicSweeper does: the config's hydra.sweeper.params, then the command line.
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(
+        params + list(config.hydra.overrides.task)
+    )
     jobs = []
     for batch in BasicSweeper.split_arguments(parsed, None):
         for overrides in batch:
