@@ -204,14 +204,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # ---------------------------------------------------------------- batches on a device
 def progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
-    """A tqdm bar, quiet when disabled or when stderr is not a terminal."""
+    """A tqdm bar, quiet when disabled, when stderr is not a terminal, and on ranks other than 0."""
     return tqdm(
         iterable,
         total=total,
         desc=desc,
         leave=False,
         dynamic_ncols=True,
-        disable=not enabled or not sys.stderr.isatty(),
+        disable=not (enabled and sys.stderr.isatty() and distributed.is_main()),
     )
 
 
@@ -436,7 +436,8 @@ def train_epochs(
             opt.load_state_dict(ckpt["optimizers"][name])
         restore_random_states(ckpt["rng"], generators)
         history, start = ckpt["history"], ckpt["epoch"] + 1
-        print(f"resuming {run.dir} from epoch {ckpt['epoch']}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"resuming {run.dir} from epoch {ckpt['epoch']}", file=sys.stderr)
     best = max((row[monitor] for row in history), default=-math.inf)
     for epoch in range(start, max_epochs + 1):
         row = {"epoch": epoch, **train_epoch(epoch), **evaluate(epoch)}
