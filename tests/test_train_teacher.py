@@ -127,3 +127,15 @@ def test_corrupt_last_checkpoint_in_a_run_folder_is_refused(tmp_path: Path) -> N
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(ConfigError, match=r"last\.pt' is corrupt or unreadable"):
         run_task(DIGITS, tmp_path)
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path: Path) -> None:
+    from penrun.engine import exclusive_lock
+
+    folder = tmp_path / "busy"
+    with exclusive_lock(folder / ".lock", wait=False):  # as a running penrun holds it
+        proc = run_cli([*DIGITS, f"hydra.run.dir={folder}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert f"run folder {folder} is in use by another penrun process" in proc.stderr
+    assert not (folder / "checkpoints").exists()
+    run_cli([*DIGITS, "trainer.max_epochs=1", f"hydra.run.dir={folder}"], cwd=tmp_path)  # free again

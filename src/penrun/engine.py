@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import math
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -111,6 +112,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def exclusive_lock(path: Path, wait: bool) -> IO | None:
+    """An exclusive lock on `path` between processes, held while the returned handle is open
+    (the system drops it when the process dies, even by SIGKILL); None when another process
+    holds it and `wait` is false."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")  # noqa: SIM115 (the caller keeps it open as long as it holds the lock)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def save_json(path: Path, obj: Any) -> None:
@@ -318,6 +333,20 @@ class Run:
         self.last_path = self.dir / "checkpoints" / "last.pt"
         self.best_path = self.dir / "checkpoints" / "best.pt"
         self._writer = None
+        self._lock: IO | None = None
+
+    def claim(self) -> None:
+        """Hold the folder for this process (rank 0 under torchrun) until `close`: a second
+        penrun on the same folder, such as the same sweep launched twice, stops here instead
+        of writing over a run in progress."""
+        if not distributed.is_main():
+            return
+        self._lock = exclusive_lock(self.dir / ".lock", wait=False)
+        if self._lock is None:
+            raise ConfigError(
+                f"run folder {self.dir} is in use by another penrun process; wait for it to end "
+                "(launching the same command again then resumes or reuses the run)"
+            )
 
     def finished_metrics(self) -> dict[str, Any] | None:
         """The metrics of a finished run of the same config, else None."""
@@ -368,6 +397,9 @@ class Run:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 class _NoWriter:

@@ -170,7 +170,9 @@ def start_run(cfg: DictConfig) -> tuple[TrainerSettings, Run, dict[str, Any] | N
     come back too (the task then returns them instead of running again)."""
     settings = setup(cfg)
     run = open_run(cfg)
+    run.claim()
     done = run.finished_metrics()
     if done is not None:
+        run.close()
         print(f"{run.dir} is finished: reusing its results")
     return settings, run, done

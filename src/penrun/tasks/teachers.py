@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from penrun import distributed
 from penrun.data import ImageData
-from penrun.engine import Run, load_classifier
+from penrun.engine import Run, exclusive_lock, load_classifier
 from penrun.errors import ConfigError
 from penrun.models import Classifier
 from penrun.penultimate import PenultimateModel
@@ -119,10 +118,5 @@ def cache_lock(folder: Path) -> Iterator[None]:
     if not distributed.is_main():
         yield
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(folder.parent / f".{folder.name}.lock", wait=True):
+        yield
