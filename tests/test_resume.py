@@ -45,3 +45,16 @@ def test_sigkilled_run_resumes_to_the_same_result(args: list[str], tmp_path: Pat
     ref_w = load_checkpoint(reference / "checkpoints" / "last.pt")["modules"]["model"]
     got_w = load_checkpoint(killed / "checkpoints" / "last.pt")["modules"]["model"]
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_checkpoints_of_the_previous_layout_still_resume() -> None:
+    """Before per-rank states, `rng` held one global state and no generators."""
+    from penrun.engine import restore_random_states, rng_state
+
+    torch.manual_seed(11)
+    old_layout = rng_state()
+    expected = torch.rand(3)
+    generator = torch.Generator().manual_seed(5)
+    untouched = generator.get_state()
+    restore_random_states(old_layout, {"synthetic": generator})
+    assert torch.equal(torch.rand(3), expected) and torch.equal(generator.get_state(), untouched)

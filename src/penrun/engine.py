@@ -434,12 +434,18 @@ def checkpoint_payload(
     }
 
 
-def restore_random_states(states: list[dict[str, Any]], generators: dict[str, torch.Generator]) -> None:
-    """This rank's random states from a checkpoint (rank 0's if it was written by fewer ranks)."""
+def restore_random_states(
+    states: list[dict[str, Any]] | dict[str, Any], generators: dict[str, torch.Generator]
+) -> None:
+    """This rank's random states from a checkpoint (rank 0's if it was written by fewer ranks).
+    Checkpoints of penrun 0.1.0 before 2026-11-26 hold one global state and no generators."""
+    if isinstance(states, dict):
+        states = [{"global": states, "generators": {}}]
     state = states[distributed.rank()] if distributed.rank() < len(states) else states[0]
     set_rng_state(state["global"])
     for name, generator in generators.items():
-        generator.set_state(state["generators"][name])
+        if name in state["generators"]:
+            generator.set_state(state["generators"][name])
 
 
 def train_epochs(
