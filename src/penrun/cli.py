@@ -55,7 +55,7 @@ def main() -> None:
     except ConfigError as err:
         print(f"penrun: error: {err}", file=sys.stderr)
         sys.exit(2)
-    if distributed.launched_world_size() > 1 and int(os.environ.get("RANK", "0")) > 0:
+    if distributed.launched_rank() > 0:
         # Ranks other than 0 print nothing and leave Hydra's files to rank 0.
         sys.argv.append("hydra.output_subdir=null")
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)

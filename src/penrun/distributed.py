@@ -29,6 +29,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), before the group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -134,9 +139,10 @@ def shard(indices: torch.Tensor) -> torch.Tensor:
     return indices[rank() :: world_size()]
 
 
-def chunk_sizes(n: int) -> list[int]:
-    """Sizes of the contiguous chunks of n items that the ranks evaluate."""
-    return [len(part) for part in torch.arange(n).tensor_split(world_size())]
+def local_chunk(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """This rank's contiguous chunk of `x` to evaluate, and the sizes of every rank's chunk."""
+    parts = x.tensor_split(world_size())
+    return parts[rank()], [len(part) for part in parts]
 
 
 def gather_chunks(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -171,7 +177,7 @@ def data_parallel(
     parameters when distributed, so that its backward averages gradients over ranks;
     otherwise `fn` unchanged. `some_unused`: a step may leave parameters without gradient
     (e.g. a loss on the head alone), which DDP must then look for every step."""
-    fn = fn or owner
+    fn = fn or owner.__call__  # a bound method: not registered as a second submodule
     if not is_distributed():
         return fn
     device = next(owner.parameters()).device

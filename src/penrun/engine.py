@@ -302,8 +302,7 @@ def predict(
     Under torchrun each rank computes a contiguous chunk and every rank gets all of them."""
     was_training = model.training
     model.eval()
-    sizes = distributed.chunk_sizes(len(x))
-    local = x.tensor_split(len(sizes))[distributed.rank()]
+    local, sizes = distributed.local_chunk(x)
     feats, logits = [], []
     for idx in epoch_batches(len(local), batch_size, shuffle=False):
         h = model.features(normalize(local[idx].to(device)))
