@@ -1,3 +1,3 @@
-from penrun.cli import main
+from penrun.app.cli import main
 
 main()

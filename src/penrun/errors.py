@@ -1,6 +1,7 @@
-"""Errors that penrun reports to the user as a message, without a traceback."""
+"""The error penrun reports to a user as one line, without a traceback."""
 
 
-class ConfigError(ValueError):
-    """Bad input (a config value, a data file, a checkpoint): the message names the value
-    and what would be valid. Raised before any long work starts."""
+class InputError(ValueError):
+    """Bad input from outside (a value, a data file, a checkpoint, a folder): the message names
+    the value and what would be valid. Raised before any long work starts. The command line
+    prints it as `penrun: error: ...` and exits with status 2."""

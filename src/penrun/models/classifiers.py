@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from penrun.errors import ConfigError
-
 
 class CosineHead(nn.Module):
     """z_k = s * <w_k / |w_k|, h / |h|> + b_k: every class's vMF concentration is s."""
@@ -96,9 +94,9 @@ def mlp_body(channels: int, image_size: int, width: float) -> tuple[nn.Module, i
 
 def lenet5_body(channels: int, image_size: int, width: float) -> tuple[nn.Module, int]:
     if image_size < 16:
-        raise ConfigError(
-            f"lenet5 needs images of at least 16x16, got {image_size}x{image_size}; "
-            "set data.image_size (e.g. 28) or use teacher=mlp"
+        raise ValueError(
+            f"arch='lenet5' needs images of at least 16x16, got image_size={image_size}; "
+            "resize the images (e.g. to 28) or use arch='mlp'"
         )
     c1, c2, f1, f2 = (max(1, int(n * width)) for n in (6, 16, 120, 84))
     conv = nn.Sequential(
@@ -178,15 +176,15 @@ def build_classifier(
     width: float = 1.0,
 ) -> Classifier:
     if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; valid: {sorted(ARCHITECTURES)}")
+        raise ValueError(f"arch={arch!r} is invalid; valid: {sorted(ARCHITECTURES)}")
     if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; valid: {list(HEADS)}")
+        raise ValueError(f"head={head!r} is invalid; valid: {list(HEADS)}")
     if penultimate_dim < 2:
-        raise ConfigError(f"penultimate_dim={penultimate_dim} is invalid: it must be >= 2")
+        raise ValueError(f"penultimate_dim={penultimate_dim} is invalid: it must be >= 2")
     if width <= 0:
-        raise ConfigError(f"width={width} is invalid: it must be > 0")
+        raise ValueError(f"width={width} is invalid: it must be > 0")
     if head == "cosine" and scale <= 0:
-        raise ConfigError(f"scale={scale} is invalid: a cosine head needs a scale > 0")
+        raise ValueError(f"scale={scale} is invalid: a cosine head needs a scale > 0")
     body, body_dim = ARCHITECTURES[arch](channels, image_size, width)
     if head == "cosine":
         head_module: nn.Module = CosineHead(penultimate_dim, num_classes, scale, bias)

@@ -1,4 +1,4 @@
-"""Conditional VAE and GAN networks for small images (METHOD.md 3b).
+"""Conditional VAE and GAN networks for small images (docs/method.md#6-class-conditional-generation).
 
 The condition c is a vector: a one-hot label, or a unit-length penultimate activation of a
 teacher. Every network has two stride-2 stages, so it works at a side of 4 * ceil(size / 4)
@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-
-from penrun.errors import ConfigError
 
 
 def working_side(image_size: int) -> int:
@@ -37,7 +35,7 @@ def check_sizes(channels: int, image_size: int, cond_dim: int, z_dim: int, width
         ("width", width, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name}={value!r} is invalid: use an integer >= {low}")
+            raise ValueError(f"{name}={value!r} is invalid: use an integer >= {low}")
 
 
 class ConvFeatures(nn.Module):

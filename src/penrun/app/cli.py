@@ -1,0 +1,94 @@
+"""The `penrun` entry point: Hydra composes the config, the task named by `task.name` runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from penrun.app import (
+    schema,  # noqa: F401 (registers the config schema before Hydra composes)
+    sweeps,
+)
+from penrun.app.config import run_dir
+from penrun.app.tasks import get_task
+from penrun.errors import InputError
+from penrun.train import distributed
+
+
+def config_dir() -> Path:
+    """configs/ inside an installed wheel, else the source checkout's top-level configs/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here.parents[2] / "configs"):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    raise FileNotFoundError(f"penrun's configs/ not found next to {here}: reinstall penrun")
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    """One job. In a sweep a failure is recorded in the job's folder (failed.json) and the
+    sweep goes on; a single run stops with the error."""
+    folder = run_dir()
+    try:
+        get_task(cfg.task.name)(cfg)
+    except Exception as err:
+        sweeps.record_failure(folder, err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            print(f"penrun: job {folder} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return
+        if isinstance(err, InputError):
+            fail(str(err))
+        raise
+    else:
+        sweeps.clear_failure(folder)
+    finally:
+        distributed.shutdown()
+
+
+def main() -> None:
+    try:
+        sweeps.check_launcher_plugins(sys.argv[1:])
+    except InputError as err:
+        fail(str(err))
+    if distributed.launched_rank() > 0:
+        # Ranks other than 0 print nothing and leave Hydra's files to rank 0.
+        sys.argv.append("hydra.output_subdir=null")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    # Hydra's composition errors (an unknown key, a value of the wrong type) reach us as
+    # exceptions, to be told in one line, instead of Hydra's report with exit status 1.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except (ConfigCompositionException, OmegaConfBaseException, OverrideParseException) as err:
+        fail(composition_error(err))
+    if sweeps.failed_jobs:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def fail(message: str) -> NoReturn:
+    print(f"penrun: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def composition_error(err: Exception) -> str:
+    """One line from Hydra's and OmegaConf's errors: the key, the value and what is valid."""
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        reason = cause.msg.splitlines()[0]
+        if cause.value is not None:
+            return f"{cause.full_key}={cause.value!r} is invalid: {reason}"
+        return f"{cause.full_key}: {reason}"
+    return " ".join(str(err).split())

@@ -1,0 +1,137 @@
+"""What every task needs from the config: checked values, trainer settings, data, networks, the
+run folder. Only app/ reads DictConfig; this module turns it into plain arguments for the
+library, and library errors into messages that name config keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from penrun.app.errors import config_keys
+from penrun.app.schema import RUNTIME_KEYS, check_values
+from penrun.data import ImageData, load_dataset, subset
+from penrun.models import build_classifier
+from penrun.train import distributed
+from penrun.train.devices import resolve_device, set_threads
+from penrun.train.loop import TrainerSettings
+from penrun.train.run_folder import Run
+from penrun.train.seeding import seed_everything
+
+
+def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
+    """The settings of a trainer node (`trainer`, or `teacher_trainer` for cached teachers);
+    its values were checked against the schema when the task started."""
+    t = cfg[key]
+    with config_keys(batch_size=f"{key}.batch_size", device=f"{key}.device"):
+        distributed.check_batch_size(t.batch_size)
+        device = distributed.process_device(resolve_device(t.device), t.device)
+    return TrainerSettings(
+        max_epochs=t.max_epochs,
+        batch_size=t.batch_size,
+        eval_batch_size=t.eval_batch_size,
+        lr=t.lr,
+        optimizer=t.optimizer,
+        weight_decay=t.weight_decay,
+        schedule=t.schedule,
+        device=device,
+        num_threads=t.num_threads,
+        progress=t.progress,
+    )
+
+
+def setup(cfg: DictConfig) -> TrainerSettings:
+    """Check the config's values, join torchrun's process group if there is one, then seed and set
+    threads: the first thing every task does."""
+    check_values(cfg)
+    settings = trainer_settings(cfg)
+    distributed.init(settings.device)
+    set_threads(settings.num_threads)
+    seed_everything(cfg.seed)
+    return settings
+
+
+def load_data(cfg: DictConfig, node: str = "data") -> ImageData:
+    """The dataset of a data node (`data`, or `transfer`)."""
+    d = cfg[node]
+    keys = {name: f"{node}.{name}" for name in ("name", "path", "download", "image_size", "channels")}
+    with config_keys(**keys, data_dir="paths.data_dir"):
+        data = load_dataset(
+            d.name,
+            data_dir=cfg.paths.data_dir,
+            cache_dir=cfg.paths.cache_dir,
+            download=d.download,
+            path=d.path,
+            image_size=d.image_size,
+            channels=d.channels,
+        )
+    if d.limit_train is not None or d.limit_test is not None:
+        data = subset(data, d.limit_train, d.limit_test)
+    return data
+
+
+def classifier_spec(cfg: DictConfig, node: str, data: ImageData) -> dict[str, Any]:
+    """The arguments of `build_classifier` for a network node (`teacher`, `student`,
+    `evaluator`) on a dataset, saved in checkpoints so that a classifier can be rebuilt from
+    its file alone."""
+    net_cfg = cfg[node]
+    spec = dict(
+        arch=net_cfg.arch,
+        channels=data.channels,
+        image_size=data.image_size,
+        num_classes=data.num_classes,
+        penultimate_dim=net_cfg.penultimate_dim,
+        head=net_cfg.head,
+        scale=net_cfg.scale,
+        bias=net_cfg.bias,
+        feature_relu=net_cfg.feature_relu,
+        width=net_cfg.width,
+    )
+    keys = {name: f"{node}.{name}" for name in ("arch", "head", "penultimate_dim", "width", "scale")}
+    with config_keys(**keys, image_size="data.image_size"):
+        build_classifier(**spec)  # fail on bad values now, before any training
+    return spec
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config that identifies a run: without the runtime keys (they change no
+    number) and without the nodes other tasks use (null here)."""
+    return strip_runtime_keys(OmegaConf.to_container(cfg, resolve=True))
+
+
+def strip_runtime_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without the schema's runtime keys and without top-level nulls."""
+    config = {key: value for key, value in config.items() if value is not None}
+    for key in RUNTIME_KEYS:
+        node, leaf = key.split(".")
+        if isinstance(config.get(node), dict):
+            config[node] = {k: v for k, v in config[node].items() if k != leaf}
+    return {key: value for key, value in config.items() if value != {}}
+
+
+def run_dir() -> Path:
+    """This job's folder: Hydra's run (or sweep) dir; the cwd when Hydra is not running."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(os.getcwd())
+
+
+def open_run(cfg: DictConfig, directory: Path | None = None) -> Run:
+    return Run(directory or run_dir(), run_config(cfg), progress=bool(cfg.trainer.progress))
+
+
+def start_run(cfg: DictConfig) -> tuple[TrainerSettings, Run, dict[str, Any] | None]:
+    """Validate, seed, open the run folder; the metrics of a finished run of this config
+    come back too (the task then returns them instead of running again)."""
+    settings = setup(cfg)
+    run = open_run(cfg)
+    run.claim()
+    done = run.finished_metrics()
+    if done is not None:
+        run.close()
+        print(f"{run.dir} is finished: reusing its results")
+    return settings, run, done

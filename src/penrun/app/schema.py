@@ -1,0 +1,242 @@
+"""Typed schemas of penrun's config, registered in Hydra's ConfigStore; configs/ extends them.
+
+Hydra checks every key and type when it composes the config (an unknown key or `lr=abc` is
+refused there). What a type cannot say is written beside each field, once: its allowed
+values (`choices`, from the library's own registries) or its bounds (`at_least`, `above`),
+and whether it is a runtime option that changes no number (`runtime`). `check_values` reads
+those marks; the few rules that tie several fields together stay in the tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from penrun.app.errors import ConfigError
+from penrun.app.tasks import TASKS
+from penrun.core.conditions import CONDITIONS
+from penrun.core.losses import LOSSES
+from penrun.core.penultimate import KAPPA_OPTIONS, RADIUS_OPTIONS
+from penrun.data import DATASETS
+from penrun.data.transforms import SHIFTS
+from penrun.models.classifiers import ARCHITECTURES, HEADS
+from penrun.train.optim import OPTIMIZERS, SCHEDULES
+
+
+def choices(default: Any, valid: tuple) -> Any:
+    return field(default=default, metadata={"choices": tuple(valid)})
+
+
+def at_least(default: Any, low: float, runtime: bool = False) -> Any:
+    return field(default=default, metadata={"low": low, "runtime": runtime})
+
+
+def above(default: Any, low: float) -> Any:
+    return field(default=default, metadata={"low": low, "strict": True})
+
+
+def runtime(default: Any) -> Any:
+    """An option that changes no number: left out of run folder names and of the config
+    a finished run is compared with."""
+    return field(default=default, metadata={"runtime": True})
+
+
+@dataclass
+class DataConfig:
+    name: str = choices("digits", (*DATASETS, "npz"))
+    path: str | None = None  # the .npz file of name=npz
+    download: bool = True
+    image_size: int | None = at_least(None, 4)
+    channels: int | None = choices(None, (None, 1, 3))
+    limit_train: int | None = at_least(None, 1)
+    limit_test: int | None = at_least(None, 1)
+
+
+@dataclass
+class TransferConfig(DataConfig):
+    shift: str = choices("none", ("none", *SHIFTS))
+    shift_strength: float = above(1.0, 0.0)
+
+
+@dataclass
+class NetConfig:
+    arch: str = choices("mlp", tuple(ARCHITECTURES))
+    width: float = above(1.0, 0.0)
+    penultimate_dim: int = at_least(64, 2)
+    head: str = choices("cosine", HEADS)
+    scale: float = above(16.0, 0.0)
+    bias: bool = False
+    feature_relu: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = at_least(20, 1)
+    batch_size: int = at_least(64, 1)
+    eval_batch_size: int = at_least(1024, 1)
+    lr: float = above(1e-3, 0.0)
+    optimizer: str = choices("adam", OPTIMIZERS)
+    weight_decay: float = at_least(5e-4, 0.0)
+    schedule: str = choices("cosine", SCHEDULES)
+    device: str = runtime("auto")
+    num_threads: int | None = at_least(None, 1, runtime=True)
+    progress: bool = runtime(True)
+
+
+@dataclass
+class VmfConfig:
+    kappa: str = choices("weights", KAPPA_OPTIONS)
+    kappa_scale: float = at_least(1.0, 0.0)
+    radius: str = choices("fixed", RADIUS_OPTIONS)
+
+
+LossWeights = dataclasses.make_dataclass(
+    "LossWeights", [(name, float, at_least(0.0, 0.0)) for name in LOSSES]
+)
+
+
+@dataclass
+class DistillConfig:
+    labels: Any = "none"  # none | all | N labelled examples per class
+    tau: float = above(4.0, 0.0)
+    losses: LossWeights = field(default_factory=LossWeights)  # every term's weight (0: off)
+    dirichlet_beta: float = above(1.0, 0.0)
+
+
+@dataclass
+class FitConfig:
+    samples_per_class: int = at_least(1000, 2)
+
+
+@dataclass
+class GenConfig:
+    cond: str = choices("penultimate", CONDITIONS)
+    z_dim: int = at_least(32, 1)
+    width: int = at_least(32, 1)
+    eval_per_class: int = at_least(100, 2)
+    grid_per_class: int = at_least(10, 1)
+
+
+@dataclass
+class VaeConfig:
+    kl_warmup_epochs: int = at_least(0, 0)
+
+
+@dataclass
+class GanConfig:
+    consistency: float = at_least(0.0, 0.0)
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+
+
+@dataclass
+class ReportConfig:
+    rows: list[str] | None = None
+    columns: list[str] | None = None
+    values: list[str] | None = None
+    curve: str | None = None
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str | None = runtime(None)
+    cache_dir: str = runtime("~/.cache/penrun")
+    output_dir: str = runtime("outputs")
+
+
+@dataclass
+class TaskConfig:
+    name: str = choices("distill", tuple(TASKS))
+
+
+@dataclass
+class PenrunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    seed: int = at_least(0, 0)
+    experiment_name: str = "${task.name}"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: NetConfig = field(default_factory=NetConfig)
+    student: NetConfig = field(default_factory=NetConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    teacher_trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    teacher_seed: int = at_least(0, 0)
+    teacher_ckpt: str | None = None
+    vmf: VmfConfig = field(default_factory=VmfConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Nodes of one task or experiment (null elsewhere).
+    transfer: TransferConfig | None = None
+    distill: DistillConfig | None = None
+    fit: FitConfig | None = None
+    gen: GenConfig | None = None
+    vae: VaeConfig | None = None
+    gan: GanConfig | None = None
+    evaluator: NetConfig | None = None
+    evaluator_trainer: TrainerConfig | None = None
+    evaluator_ckpt: str | None = None
+    evaluator_seed: int | None = at_least(None, 0)
+    report: ReportConfig | None = None
+    sweep_dir: str | None = None
+    epochs_by_data: dict[str, int] | None = None
+
+
+ConfigStore.instance().store(name="penrun_schema", node=PenrunConfig)
+
+
+def _marked_fields(schema: type, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every marked field of a schema, by its dotted key."""
+    marks: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(schema):
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+            marks |= _marked_fields(nested, f"{prefix}{f.name}.")
+        elif f.metadata:
+            marks[f"{prefix}{f.name}"] = dict(f.metadata)
+    return marks
+
+
+def _nested_schemas() -> dict[str, type]:
+    """The optional nodes of the root, by name, with their schema."""
+    return {
+        "transfer": TransferConfig,
+        "distill": DistillConfig,
+        "fit": FitConfig,
+        "gen": GenConfig,
+        "vae": VaeConfig,
+        "gan": GanConfig,
+        "evaluator": NetConfig,
+        "evaluator_trainer": TrainerConfig,
+        "report": ReportConfig,
+    }
+
+
+FIELD_MARKS: dict[str, dict[str, Any]] = _marked_fields(PenrunConfig) | {
+    key: mark
+    for node, schema in _nested_schemas().items()
+    for key, mark in _marked_fields(schema, f"{node}.").items()
+}
+
+RUNTIME_KEYS: tuple[str, ...] = tuple(key for key, mark in FIELD_MARKS.items() if mark.get("runtime"))
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse a value outside its field's choices or bounds, and any non-finite number,
+    naming the key, the value and what is valid."""
+    for key, mark in FIELD_MARKS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        if "choices" in mark and value not in mark["choices"]:
+            valid = ", ".join("null" if c is None else str(c) for c in mark["choices"])
+            raise ConfigError(f"{key}={value!r} is invalid; valid: {valid}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is invalid: use a finite number")
+        if "low" in mark:
+            low, strict = mark["low"], mark.get("strict", False)
+            if value < low or (strict and value == low):
+                bound = f"> {low:g}" if strict else f">= {low:g}"
+                kind = "an integer" if isinstance(value, int) else "a number"
+                raise ConfigError(f"{key}={value!r} is invalid: use {kind} {bound}")

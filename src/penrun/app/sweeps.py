@@ -1,0 +1,242 @@
+"""Sweeps that resume, on any Hydra launcher (basic, joblib, submitit).
+
+Every job's folder is named after its overrides, so launching the same sweep again finds its
+jobs: complete ones are reused, interrupted ones resume from last.pt, failed ones (failed.json)
+run again. Before any job starts, `SweepCallback` checks that no folder holds a run of a
+different config and prints the plan; when all jobs are back it writes sweep_status.json and
+names the failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from penrun.app.config import run_config
+from penrun.app.errors import ConfigError
+from penrun.app.schema import RUNTIME_KEYS
+from penrun.train import distributed
+from penrun.train.checkpoint import load_checkpoint
+from penrun.train.files import save_json
+from penrun.train.run_folder import config_difference
+
+FAILED_FILE = "failed.json"
+STATUS_FILE = "sweep_status.json"
+
+# hydra/launcher=NAME -> (the plugin's module, its pip package)
+LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+}
+# penrun's own launcher presets (configs/launcher/) and the plugin each one needs.
+LAUNCHER_PRESETS = {"joblib": "joblib", "local": "submitit_local", "slurm": "submitit_slurm"}
+
+# Jobs that failed in the last sweep of this process (the exit status of `penrun -m`).
+failed_jobs: list[Path] = []
+
+
+def run_key(override_dirname: str) -> str:
+    """A run folder name from Hydra's override string: readable, safe, deterministic."""
+    key = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname) or "default"
+    if len(key) > 120:
+        key = f"{key[:100]}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    return key
+
+
+def unnamed_keys() -> list[str]:
+    """Overrides left out of run folder names: the task (it has its own folder level), the
+    launcher (any launcher resumes another's sweep) and the runtime keys of the schema."""
+    return ["task", "launcher", *RUNTIME_KEYS]
+
+
+OmegaConf.register_new_resolver("run_key", run_key, replace=True)
+OmegaConf.register_new_resolver("penrun_unnamed_keys", unnamed_keys, replace=True)
+
+
+# ---------------------------------------------------------------- launcher plugins
+def check_launcher_plugins(argv: list[str]) -> None:
+    """A launcher asked for on the command line must be installed; name its pip package."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        plugin = {"hydra/launcher": value, "launcher": LAUNCHER_PRESETS.get(value)}.get(key)
+        if plugin not in LAUNCHER_PLUGINS:
+            continue
+        module, package = LAUNCHER_PLUGINS[plugin]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"{arg} needs the Hydra launcher plugin {package!r}, which is not installed: "
+                f"pip install 'penrun[cluster]' (or pip install {package})"
+            )
+
+
+# ---------------------------------------------------------------- job states
+def record_failure(folder: Path, err: BaseException) -> None:
+    """failed.json in the job's folder: the error, its traceback, and how often it failed."""
+    path = folder / FAILED_FILE
+    attempts = json.loads(path.read_text()).get("attempts", 0) if path.exists() else 0
+    save_json(
+        path,
+        {
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exception(err)[-20:],
+            "attempts": attempts + 1,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
+
+
+def clear_failure(folder: Path) -> None:
+    if distributed.is_main():
+        (folder / FAILED_FILE).unlink(missing_ok=True)
+
+
+def job_state(folder: Path) -> tuple[str, str]:
+    """(state, description) of a job folder; state: complete, failed, interrupted or new."""
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if metrics.get("status") == "complete":
+        return "complete", "complete"
+    if (folder / FAILED_FILE).exists():
+        failure = json.loads((folder / FAILED_FILE).read_text())
+        return "failed", f"failed: {failure['error']} (attempt {failure['attempts']})"
+    epochs = len(metrics.get("history", []))
+    if epochs or (folder / "checkpoints" / "last.pt").exists():
+        return "interrupted", f"interrupted after {epochs} epoch(s)"
+    return "new", "no metrics.json (not started, or killed before its first epoch)"
+
+
+def stored_config(folder: Path) -> dict[str, Any] | None:
+    """The config a job folder's run was made with (metrics.json, else last.pt), if any."""
+    metrics_path = folder / "metrics.json"
+    if metrics_path.exists():
+        return json.loads(metrics_path.read_text()).get("config")
+    last = folder / "checkpoints" / "last.pt"
+    if last.exists():
+        return load_checkpoint(last).get("config")
+    return None
+
+
+# ---------------------------------------------------------------- the sweep's plan
+@dataclass(frozen=True)
+class PlannedJob:
+    folder: Path
+    overrides: list[str]
+    config: dict[str, Any]  # penrun's run config (what a finished run records)
+
+
+def sweep_combinations(overrides: list[Override]) -> list[list[str]]:
+    """Every job's overrides, in the order Hydra's BasicSweeper launches them: the cartesian
+    product of the sweep overrides' values."""
+    choices = [
+        [f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
+        for o in overrides
+    ]
+    return [list(combination) for combination in itertools.product(*choices)]
+
+
+def plan_jobs(config: DictConfig) -> list[PlannedJob]:
+    """Every job of a basic-sweeper sweep, composed as the launcher will compose it."""
+    loader = GlobalHydra.instance().config_loader()
+    # As BasicSweeper does: the config's hydra.sweeper.params, then the command line.
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(
+        params + list(config.hydra.overrides.task)
+    )
+    jobs = []
+    for overrides in sweep_combinations(parsed):
+        job_cfg = loader.load_sweep_config(config, overrides)
+        folder = Path(job_cfg.hydra.sweep.dir) / job_cfg.hydra.sweep.subdir
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]
+        jobs.append(PlannedJob(folder, overrides, run_config(job_cfg)))
+    return jobs
+
+
+def check_same_configs(jobs: list[PlannedJob]) -> None:
+    """Refuse a sweep whose folders hold runs of other configs (e.g. an edited experiment
+    file): resuming them would mix two experiments in one table."""
+    clashes = []
+    for job in jobs:
+        old = stored_config(job.folder)
+        diff = config_difference(old, job.config) if old is not None else []
+        if diff:
+            clashes.append(f"{job.folder} ({'; '.join(diff[:3])})")
+    if clashes:
+        raise ConfigError(
+            f"the sweep folder holds runs of a different config in {len(clashes)} of {len(jobs)} "
+            f"job folder(s): {', '.join(clashes[:3])}. Set experiment_name or hydra.sweep.dir "
+            "to a new folder, or remove the old runs"
+        )
+
+
+def describe_plan(sweep_dir: str, jobs: list[PlannedJob]) -> str:
+    counts: dict[str, int] = {}
+    for job in jobs:
+        state = job_state(job.folder)[0]
+        counts[state] = counts.get(state, 0) + 1
+    actions = {
+        "complete": "complete (reused)",
+        "interrupted": "interrupted (resume from last.pt)",
+        "failed": "failed before (retried)",
+        "new": "new",
+    }
+    parts = [f"{counts[s]} {text}" for s, text in actions.items() if counts.get(s)]
+    return f"sweep {sweep_dir}: {len(jobs)} jobs: {', '.join(parts)}"
+
+
+class SweepCallback(Callback):
+    """Registered in configs/config.yaml (hydra.callbacks); runs in the launching process."""
+
+    def __init__(self) -> None:
+        self.jobs: list[PlannedJob] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
+            return  # other sweepers choose their jobs as they go
+        self.jobs = plan_jobs(config)
+        try:
+            check_same_configs(self.jobs)
+        except ConfigError as err:
+            print(f"penrun: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        print(describe_plan(config.hydra.sweep.dir, self.jobs))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.jobs:
+            return
+        states = {job.folder: job_state(job.folder) for job in self.jobs}
+        failed_jobs[:] = [folder for folder, (state, _) in states.items() if state != "complete"]
+        save_json(
+            Path(config.hydra.sweep.dir) / STATUS_FILE,
+            {
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "jobs": [
+                    {"folder": str(job.folder), "overrides": job.overrides, "state": s, "description": d}
+                    for job, (s, d) in zip(self.jobs, states.values(), strict=True)
+                ],
+            },
+        )
+        done = len(self.jobs) - len(failed_jobs)
+        print(f"sweep {config.hydra.sweep.dir}: {done} of {len(self.jobs)} jobs complete")
+        for folder in failed_jobs:
+            print(f"  {folder}: {states[folder][1]}", file=sys.stderr)
+        if failed_jobs:
+            print("launch the same command again to retry them", file=sys.stderr)

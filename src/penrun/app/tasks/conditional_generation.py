@@ -1,0 +1,208 @@
+"""What task=vae and task=gan share (docs/method.md#6-class-conditional-generation): options,
+the conditions (from a teacher or labels), the independent evaluator, per-epoch evaluation, metrics.json and samples.png.
+
+A task supplies `build(cfg, setup) -> Generative` (its networks, optimizers and epoch);
+`run_generation` does the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from penrun.app.config import load_data, start_run
+from penrun.app.errors import ConfigError
+from penrun.app.teachers import obtain_classifier, penultimate_model
+from penrun.core.conditions import (
+    ConditionSampler,
+    Decoder,
+    balanced_labels,
+    generate,
+    sample_grid,
+)
+from penrun.core.metrics import generation_metrics, mean_pairwise_distance, per_class
+from penrun.data import ImageData
+from penrun.models import Classifier
+from penrun.train.files import save_image_grid
+from penrun.train.loop import TrainerSettings, accuracy, predict, train_epochs
+from penrun.train.run_folder import Run
+
+
+@dataclass
+class GenerationSetup:
+    """Everything a generative model trains and is evaluated with."""
+
+    data: ImageData
+    settings: TrainerSettings
+    seed: int
+    conditions: torch.Tensor  # (N, cond_dim): c of every training image
+    sampler: ConditionSampler  # c for requested classes
+    teacher: Classifier | None  # None for one-hot conditions
+    evaluator: Classifier
+    real_features: torch.Tensor  # evaluator features of the test images
+    info: dict[str, Any]  # checkpoints used, evaluator reference numbers
+
+
+@dataclass
+class Generative:
+    """What a model-specific task hands to the shared loop."""
+
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    train_epoch: Callable[[int], dict[str, float]]
+    decoder: Decoder  # (z, c) -> images in [-1, 1]
+    z_dim: int
+
+
+def check_options(cfg: DictConfig) -> None:
+    """What the schema cannot say of the shared options, before any data is loaded or network
+    trained: the evaluator must be independent of the teacher."""
+    independent = cfg.evaluator_ckpt is not None or cfg.teacher_ckpt is not None
+    if not independent and cfg.evaluator == cfg.teacher and cfg.evaluator_seed == cfg.teacher_seed:
+        raise ConfigError(
+            "the evaluator must be independent of the teacher, but evaluator and teacher have the "
+            f"same network and seed ({cfg.teacher_seed}); change evaluator_seed or net@evaluator"
+        )
+
+
+def condition_sampler(
+    cfg: DictConfig, data: ImageData
+) -> tuple[Classifier | None, ConditionSampler, dict[str, Any]]:
+    """The teacher and its vMF model for `gen.cond=penultimate`; labels for `onehot`."""
+    if cfg.gen.cond == "onehot":
+        return None, ConditionSampler(data.num_classes), {}
+    teacher, ckpt, path = obtain_classifier(cfg, data)
+    model = penultimate_model(teacher, ckpt, path, cfg.vmf)
+    return (
+        teacher.requires_grad_(False),
+        ConditionSampler(data.num_classes, model),
+        {"teacher_ckpt": str(path)},
+    )
+
+
+def training_conditions(
+    data: ImageData, teacher: Classifier | None, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """c of every training image: one-hot labels, or (given a teacher) its normalized
+    penultimate activation of the image, without labels."""
+    if teacher is None:
+        return F.one_hot(data.y_train, data.num_classes).float()
+    h, _ = predict(teacher, data.x_train, batch_size, device)
+    return F.normalize(h.float(), dim=1)
+
+
+def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
+    data = load_data(cfg)
+    print(data.describe())
+    teacher, sampler, info = condition_sampler(cfg, data)
+    evaluator, _, eval_path = obtain_classifier(
+        cfg,
+        data,
+        ckpt_key="evaluator_ckpt",
+        net_key="evaluator",
+        trainer_key="evaluator_trainer",
+        seed_key="evaluator_seed",
+        cache="evaluators",
+    )
+    device, batch = settings.device, settings.eval_batch_size
+    evaluator.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    conditions = training_conditions(data, teacher, batch, device)
+    real_features, real_logits = predict(evaluator, data.x_test, batch, device)
+    diversity_real = per_class(mean_pairwise_distance, real_features, data.y_test, data.num_classes)
+    info |= {
+        "evaluator_ckpt": str(eval_path),
+        "evaluator_real_acc": accuracy(real_logits, data.y_test),
+        "diversity_real": sum(diversity_real) / len(diversity_real),
+    }
+    return GenerationSetup(
+        data, settings, cfg.seed, conditions, sampler, teacher, evaluator, real_features, info
+    )
+
+
+def run_generation(
+    cfg: DictConfig, build: Callable[[DictConfig, GenerationSetup], Generative]
+) -> dict[str, Any]:
+    settings, run_, done = start_run(cfg)
+    if done is not None:
+        print(summary(done))
+        return done
+    check_options(cfg)
+    s = prepare(cfg, settings)
+    model = build(cfg, s)
+    g, k = cfg.gen, s.data.num_classes
+    labels = balanced_labels(k, g.eval_per_class)
+
+    def train_epoch(epoch: int) -> dict[str, float]:
+        for module in model.modules.values():
+            module.train()
+        return model.train_epoch(epoch)
+
+    def evaluate_full(seed: int) -> dict[str, Any]:
+        fake = sample_images(model, s, labels, seed)
+        batch, device = settings.eval_batch_size, settings.device
+        features, logits = predict(s.evaluator, fake, batch, device)
+        return generation_metrics(features, logits, labels, s.real_features, k, seed)
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        start = time.perf_counter()
+        scalars = {n: v for n, v in evaluate_full(cfg.seed).items() if not isinstance(v, list)}
+        return {**scalars, "eval_time": time.perf_counter() - start}
+
+    history = train_epochs(
+        run_,
+        modules=model.modules,
+        optimizers=model.optimizers,
+        max_epochs=settings.max_epochs,
+        train_epoch=train_epoch,
+        evaluate=evaluate,
+        monitor="cond_acc",
+        extra={"cond": g.cond, "cond_dim": s.sampler.dim},
+    )
+    metrics = {
+        "task": cfg.task.name,
+        "cond": g.cond,
+        **evaluate_full(cfg.seed),
+        "samples_per_class": g.eval_per_class,
+        **s.info,
+        "epoch_time": sum(row["epoch_time"] for row in history) / len(history),
+        "history": history,
+    }
+    write_samples(run_, model, s, g.grid_per_class, cfg.seed + 1)
+    run_.write_metrics(metrics, status="complete")
+    run_.close()
+    print(f"{summary(metrics)} -> {run_.dir}")
+    return metrics
+
+
+def sample_images(model: Generative, s: GenerationSetup, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """uint8 images of the classes `labels`, from the networks in eval mode."""
+    for module in model.modules.values():
+        module.eval()
+    batch, device = s.settings.eval_batch_size, s.settings.device
+    return generate(model.decoder, s.sampler, labels, model.z_dim, seed, batch, device)
+
+
+def write_samples(run_: Run, model: Generative, s: GenerationSetup, per_class: int, seed: int) -> None:
+    """samples.png (one row per class) and the same grid in TensorBoard."""
+    images = sample_images(model, s, balanced_labels(s.data.num_classes, per_class), seed)
+    grid = sample_grid(images, per_class)
+    save_image_grid(grid, run_.dir / "samples.png")
+    run_.writer.add_image("samples", grid, s.settings.max_epochs)
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    return (
+        f"{metrics['task']} cond={metrics['cond']}: cond_acc {metrics['cond_acc']:.4f} "
+        f"({metrics['samples_per_class']}/class; evaluator on real test {metrics['evaluator_real_acc']:.4f}), "
+        f"frechet {metrics['frechet']:.3f} ({metrics['frechet_count']} vs {metrics['frechet_count']}), "
+        f"diversity {metrics['diversity']:.3f} (real {metrics['diversity_real']:.3f})"
+    )

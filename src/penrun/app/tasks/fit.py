@@ -1,0 +1,145 @@
+"""task=fit: does a teacher's final layer describe its penultimate activations, and how far off is it?
+
+Compares the real activations of the test split with synthetic ones drawn from the vMF model
+of the final layer: the Generative-Discriminative identity, per-class concentrations (from the
+weights and fitted), cosine distributions (KS distance), and a linear classifier trained only
+on synthetic activations and tested on the real ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from penrun.app.config import load_data, start_run
+from penrun.app.teachers import obtain_classifier, penultimate_model
+from penrun.core.diagnostics import (
+    class_cosines,
+    ks_distance,
+    linear_probe_accuracy,
+    plot_circle,
+    plot_cosine_histograms,
+)
+from penrun.core.penultimate import PenultimateModel, fit_kappa_from_activations
+from penrun.models import Classifier
+from penrun.train.loop import accuracy, predict
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    settings, run_, done = start_run(cfg)
+    if done is not None:
+        return done
+    data = load_data(cfg)
+    teacher, ckpt, path = obtain_classifier(cfg, data)
+    model = penultimate_model(teacher, ckpt, path, cfg.vmf)
+    teacher.to(settings.device)
+    h, logits = predict(teacher, data.x_test, settings.eval_batch_size, settings.device)
+    metrics = {
+        "task": "fit",
+        "teacher_ckpt": str(path),
+        "kappa_fitted_train": ckpt.get("activation_stats", {}).get("fitted_kappa"),
+        "kappa": cfg.vmf.kappa,
+        "kappa_scale": cfg.vmf.kappa_scale,
+        **diagnose(
+            model,
+            head_input(teacher, h.double()),
+            logits.double(),
+            data.y_test,
+            cfg.fit.samples_per_class,
+            cfg.seed,
+            run_.dir,
+        ),
+    }
+    log_to_tensorboard(run_, metrics)
+    run_.write_metrics(metrics, status="complete")
+    run_.close()
+    print(summary(metrics))
+    return metrics
+
+
+def head_input(teacher: Classifier, h: torch.Tensor) -> torch.Tensor:
+    """What the final layer sees: h itself, or h / |h| for a cosine head."""
+    return F.normalize(h, dim=1) if teacher.head.normalizes_input else h
+
+
+def diagnose(
+    model: PenultimateModel,
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    samples_per_class: int,
+    seed: int,
+    out,
+) -> dict[str, Any]:
+    model = model.to(dtype=torch.float64)
+    k = model.num_classes
+    posterior = model.posterior(h)
+    real_a = F.normalize(h, dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    # Class-balanced synthetic activations: compared with the real ones, and the probe's training set.
+    synth_a, synth_y = model.sample(k * samples_per_class, balanced=True, generator=gen)
+    real_cos, synth_cos = (
+        class_cosines(real_a, y, model.mu),
+        class_cosines(synth_a, synth_y, model.mu),
+    )
+    test_fit = fit_kappa_from_activations(h, y, k)
+    per_class = [
+        {
+            "class": c,
+            "count": int((y == c).sum()),
+            "kappa_weights": model.kappa[c].item(),
+            "kappa_fitted_test": test_fit["fitted_kappa"][c].item(),
+            # The fit is about the class's own mean direction, which need not be mu_y.
+            "mean_resultant_length": test_fit["mean_resultant_length"][c].item(),
+            "mean_direction_cos_mu": (test_fit["mean_direction"][c] @ model.mu[c]).item(),
+            "mean_cos_real": real_cos[y == c].mean().item(),
+            "mean_cos_synthetic": synth_cos[synth_y == c].mean().item(),
+            "ks_distance": ks_distance(real_cos[y == c], synth_cos[synth_y == c]),
+        }
+        for c in range(k)
+        if (y == c).any()
+    ]
+    plot_cosine_histograms(real_cos, synth_cos, y, synth_y, out / "cosine_hist.png")
+    if model.dim == 2:
+        plot_circle(real_a, y, model.mu, model.kappa, out / "circle.png")
+    return {
+        "softmax_acc": accuracy(logits, y),
+        "generative_acc": accuracy(posterior, y),
+        "posterior_max_abs_diff": (posterior - logits.softmax(1)).abs().max().item(),
+        "synthetic_to_real_acc": linear_probe_accuracy(synth_a, synth_y, real_a, y, k, seed=seed),
+        "dim": model.dim,
+        "mean_ks_distance": sum(c["ks_distance"] for c in per_class) / len(per_class),
+        "per_class": per_class,
+    }
+
+
+def log_to_tensorboard(run, metrics: dict[str, Any]) -> None:
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    run.log_scalars(scalars, 0)
+    for c in metrics["per_class"]:
+        run.log_scalars(
+            {f"class_{c['class']}/{k}": v for k, v in c.items() if k not in ("class", "count")}, 0
+        )
+    import matplotlib.image
+
+    for name in ("cosine_hist", "circle"):
+        path = run.dir / f"{name}.png"
+        if path.exists():
+            run.writer.add_image(name, matplotlib.image.imread(path)[..., :3], 0, dataformats="HWC")
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    lines = [
+        f"softmax_acc {metrics['softmax_acc']:.4f}  generative_acc {metrics['generative_acc']:.4f}  "
+        f"(max |posterior - softmax| {metrics['posterior_max_abs_diff']:.1e})",
+        f"synthetic_to_real_acc {metrics['synthetic_to_real_acc']:.4f}  mean KS distance {metrics['mean_ks_distance']:.3f}",
+        "class  kappa(weights)  kappa(fitted)  cos(mean dir, mu)  cos real  cos synth  KS",
+    ]
+    lines += [
+        f"{c['class']:>5}  {c['kappa_weights']:>14.2f}  {c['kappa_fitted_test']:>13.2f}  {c['mean_direction_cos_mu']:>17.3f}  {c['mean_cos_real']:>8.3f}  {c['mean_cos_synthetic']:>9.3f}  {c['ks_distance']:.3f}"
+        for c in metrics["per_class"]
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""task=report: a sweep's metrics.json files -> report.md, report.csv, curves.png (in sweep_dir).
+
+Runs are grouped by what their configs differ in, apart from the seed; each cell is the mean
++- std over the seeds of a group. A run folder without a complete metrics.json is reported as
+missing, with why: interrupted (and after how many epochs), failed (with the error), or never
+started. The layout is the same whichever Hydra launcher ran the sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from penrun.app.errors import ConfigError
+from penrun.app.sweeps import FAILED_FILE, job_state
+from penrun.train.files import atomic_write
+from penrun.train.run_folder import flatten
+
+SEED_KEYS = ("seed",)
+
+
+@dataclass
+class RunRecord:
+    folder: Path
+    metrics: dict[str, Any]
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        return flatten(self.metrics.get("config", {}))
+
+    @cached_property
+    def fields(self) -> dict[str, Any]:
+        return flatten({k: v for k, v in self.metrics.items() if k not in ("config", "history")})
+
+    def value(self, key: str) -> Any:
+        """A metrics.json field (dotted for nested ones) or, failing that, a config key."""
+        return self.fields[key] if key in self.fields else self.config.get(key)
+
+
+def collect(sweep_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
+    """Complete runs, and (folder, why) for every run folder without complete results."""
+    done, missing = [], []
+    for folder in sorted(
+        {p.parent.parent for p in sweep_dir.rglob(".hydra/config.yaml")}
+        | {p.parent for p in sweep_dir.rglob("metrics.json")}
+        | {p.parent for p in sweep_dir.rglob(FAILED_FILE)}
+    ):
+        if {"teachers", "evaluators"} & set(folder.parts[len(sweep_dir.parts) :]):
+            continue  # cached helper classifiers are not runs of the sweep
+        state, description = job_state(folder)
+        if state == "complete":
+            done.append(RunRecord(folder, json.loads((folder / "metrics.json").read_text())))
+        else:
+            missing.append((folder, description))
+    return done, missing
+
+
+def varying_keys(runs: list[RunRecord]) -> list[str]:
+    """Config keys whose values differ between runs, apart from the seed."""
+    configs = [r.config for r in runs]
+    keys = sorted(set().union(*configs)) if configs else []
+    return [k for k in keys if k not in SEED_KEYS and len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def group_runs(runs: list[RunRecord], keys: list[str]) -> dict[tuple, list[RunRecord]]:
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault(tuple(str(r.value(k)) for k in keys), []).append(r)
+    return groups
+
+
+def numeric_fields(runs: list[RunRecord]) -> list[str]:
+    fields: list[str] = []
+    for r in runs:
+        fields += [
+            k
+            for k, v in r.fields.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in fields
+        ]
+    return fields
+
+
+def table(
+    runs: list[RunRecord], rows: list[str], columns: list[str], values: list[str]
+) -> tuple[str, list[list[str]]]:
+    """A Markdown table (rows x columns, one cell per value metric) and the same as CSV rows."""
+    col_groups = sorted(group_runs(runs, columns)) if columns else [()]
+    header = [*rows, "runs"]
+    for col in col_groups:
+        header += [" ".join([*col, v]).strip() for v in values]
+    body = []
+    for row_key, members in sorted(group_runs(runs, rows).items()):
+        line = [*row_key, str(len(members))]
+        for col in col_groups:
+            cell = [r for r in members if tuple(str(r.value(k)) for k in columns) == col]
+            line += [mean_std([float(r.value(v)) for r in cell if r.value(v) is not None]) for v in values]
+        body.append(line)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(md), [header, *body]
+
+
+def render(
+    sweep_dir: Path,
+    rows: list[str] | None,
+    columns: list[str] | None,
+    values: list[str] | None,
+    curve: str | None,
+) -> str:
+    """Write report.md, report.csv and curves.png into sweep_dir; return the Markdown."""
+    runs, missing = collect(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f"no complete run under {sweep_dir} ({len(missing)} incomplete)")
+    rows = rows or varying_keys(runs) or ["task.name"]
+    columns = columns or []
+    values = values or [f for f in numeric_fields(runs) if not f.startswith("teacher_")][:8]
+    md, csv_rows = table(runs, rows, columns, values)
+    seeds = sorted({str(r.value("seed")) for r in runs})
+    text = [
+        f"# Report of {sweep_dir}",
+        "",
+        f"{len(runs)} complete runs, seeds {', '.join(seeds)}; cells are mean ± std over seeds.",
+        "",
+        md,
+    ]
+    if missing:
+        text += ["", f"## Missing or incomplete runs ({len(missing)})", ""]
+        text += [f"- `{folder.relative_to(sweep_dir)}`: {why}" for folder, why in missing]
+    report = "\n".join(text) + "\n"
+    atomic_write(sweep_dir / "report.md", lambda p: p.write_text(report))
+    buf = io.StringIO()
+    csv.writer(buf).writerows(csv_rows)
+    atomic_write(sweep_dir / "report.csv", lambda p: p.write_text(buf.getvalue()))
+    if curve:
+        plot_curves(runs, rows + columns, curve, sweep_dir / "curves.png")
+    return report
+
+
+def plot_curves(runs: list[RunRecord], keys: list[str], metric: str, path: Path) -> None:
+    """Per group, the mean over seeds of `metric` per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, members in sorted(group_runs(runs, keys).items()):
+        curves = [[row[metric] for row in r.metrics.get("history", []) if metric in row] for r in members]
+        length = min((len(c) for c in curves), default=0)
+        if length:
+            mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
+            ax.plot(range(1, length + 1), mean, marker=".", label=" / ".join(key))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg.get("sweep_dir"):
+        raise ConfigError(
+            "task=report needs sweep_dir=DIR (a folder of runs, e.g. outputs/multirun/distill/...)"
+        )
+    sweep_dir = Path(cfg.sweep_dir).expanduser()
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"sweep_dir={str(sweep_dir)!r} is not a folder")
+    layout = {
+        **layout_from_runs(sweep_dir),
+        **{k: v for k, v in OmegaConf.to_container(cfg.report).items() if v},
+    }
+    try:
+        text = render(
+            sweep_dir,
+            layout.get("rows"),
+            layout.get("columns"),
+            layout.get("values"),
+            layout.get("curve"),
+        )
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    print(text)
+    print(f"wrote {sweep_dir / 'report.md'}, report.csv" + (", curves.png" if layout.get("curve") else ""))
+    return {"task": "report", "sweep_dir": str(sweep_dir)}
+
+
+def layout_from_runs(sweep_dir: Path) -> dict[str, Any]:
+    """The table layout an experiment config stored with its runs (`report:` node), if any."""
+    runs, _ = collect(sweep_dir)
+    for r in runs:
+        stored = r.metrics.get("config", {}).get("report")
+        if stored:
+            return {k: v for k, v in stored.items() if v}
+    return {}

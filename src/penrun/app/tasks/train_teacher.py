@@ -1,0 +1,24 @@
+"""task=train_teacher: train a classifier with cross-entropy and record what the sampler needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from penrun.app.config import classifier_spec, load_data, start_run
+from penrun.train.classifier import train_classifier
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    settings, run_, done = start_run(cfg)
+    if done is not None:
+        return done
+    data = load_data(cfg)
+    print(data.describe())
+    spec = classifier_spec(cfg, "teacher", data)
+    metrics = train_classifier(run_, spec, data, settings, seed=cfg.seed)
+    print(
+        f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {run_.dir}"
+    )
+    return metrics

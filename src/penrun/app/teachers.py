@@ -1,0 +1,129 @@
+"""The teacher a task uses: `teacher_ckpt=PATH`, or one trained for the configured `data` and
+`teacher` and cached under `paths.output_dir/teachers/`, keyed by everything that shapes it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from penrun.app.config import classifier_spec, strip_runtime_keys, trainer_settings
+from penrun.app.errors import ConfigError
+from penrun.core.penultimate import PenultimateModel
+from penrun.data import ImageData
+from penrun.models import Classifier
+from penrun.train import distributed
+from penrun.train.checkpoint import load_classifier
+from penrun.train.classifier import train_classifier
+from penrun.train.files import exclusive_lock
+from penrun.train.run_folder import Run
+
+
+def penultimate_model(
+    teacher: Classifier, ckpt: dict[str, Any], path: str | Path, vmf: DictConfig
+) -> PenultimateModel:
+    """The vMF model (the `vmf` node) of a teacher's final layer; a checkpoint that cannot
+    give one (a linear head without recorded activation statistics) is a ConfigError."""
+    try:
+        return PenultimateModel.from_classifier(
+            teacher,
+            ckpt.get("activation_stats"),
+            radius=vmf.radius,
+            kappa=vmf.kappa,
+            kappa_scale=vmf.kappa_scale,
+        )
+    except ValueError as err:
+        raise ConfigError(f"teacher checkpoint {str(path)!r} cannot define p(a | y): {err}") from err
+
+
+def check_fits_data(spec: dict[str, Any], data: ImageData, what: str, path: str | Path) -> None:
+    """A classifier checkpoint must take the configured data's images and classes."""
+    wanted = {
+        "num_classes": data.num_classes,
+        "channels": data.channels,
+        "image_size": data.image_size,
+    }
+    diff = [f"{k} {spec[k]} (data {data.name}: {v})" for k, v in wanted.items() if spec[k] != v]
+    if diff:
+        raise ConfigError(
+            f"{what} checkpoint {str(path)!r} does not fit the data: {', '.join(diff)}. Use a "
+            f"{what} trained on this data, or set data.image_size / data.channels to match it"
+        )
+
+
+def teacher_identity(
+    cfg: DictConfig,
+    net_key: str = "teacher",
+    trainer_key: str = "teacher_trainer",
+    seed_key: str = "teacher_seed",
+) -> dict[str, Any]:
+    """Everything that determines a cached classifier's weights: the config of the
+    train_teacher run that makes it."""
+    return strip_runtime_keys(
+        {
+            "task": {"name": "train_teacher"},
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "teacher": OmegaConf.to_container(cfg[net_key], resolve=True),
+            "trainer": OmegaConf.to_container(cfg[trainer_key], resolve=True),
+            "seed": cfg[seed_key],
+        }
+    )
+
+
+def obtain_classifier(
+    cfg: DictConfig,
+    data: ImageData,
+    *,
+    ckpt_key: str = "teacher_ckpt",
+    net_key: str = "teacher",
+    trainer_key: str = "teacher_trainer",
+    seed_key: str = "teacher_seed",
+    cache: str = "teachers",
+) -> tuple[Classifier, dict[str, Any], Path]:
+    """Load `cfg[ckpt_key]`, or train (once) and cache a classifier for `cfg[net_key]` on `data`."""
+    path = cfg.get(ckpt_key)
+    if path is None:
+        path = _train_cached(cfg, data, net_key, trainer_key, seed_key, cache)
+    model, ckpt = load_classifier(path)
+    check_fits_data(ckpt["classifier"], data, net_key, path)
+    return model, ckpt, Path(path)
+
+
+def _train_cached(
+    cfg: DictConfig, data: ImageData, net_key: str, trainer_key: str, seed_key: str, cache: str
+) -> Path:
+    identity = teacher_identity(cfg, net_key, trainer_key, seed_key)
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    folder = (
+        Path(cfg.paths.output_dir) / cache / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
+    )
+    run = Run(folder, identity, progress=bool(cfg[trainer_key].progress))
+    settings = trainer_settings(cfg, trainer_key)
+    # Parallel jobs of a sweep that need the same classifier: one trains it, the others wait.
+    with cache_lock(folder):
+        # Rank 0 decides for all ranks: they train together or not at all.
+        cached = distributed.broadcast_object(run.finished_metrics() is not None)
+        if cached:
+            print(f"using cached {net_key} {folder}")
+        else:
+            print(
+                f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)"
+            )
+            train_classifier(run, classifier_spec(cfg, net_key, data), data, settings, seed=cfg[seed_key])
+    distributed.barrier()
+    return run.last_path
+
+
+@contextmanager
+def cache_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a cache folder across processes (held by rank 0 under torchrun)."""
+    if not distributed.is_main():
+        yield
+        return
+    with exclusive_lock(folder.parent / f".{folder.name}.lock", wait=True):
+        yield

@@ -1,0 +1,52 @@
+"""Index batches and labelled subsets: which examples a step or a protocol sees, as a function
+of (seed, epoch) alone so that a resumed run sees the same ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of `per_class` examples of each class, drawn reproducibly from the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(y, minlength=num_classes)
+    present = counts[counts > 0]  # an aligned set may lack a class (STL-10 has no frog)
+    if per_class > present.min():
+        raise ValueError(
+            f"per_class={per_class} asks for more examples per class than there are "
+            f"(the rarest class has {int(present.min())})"
+        )
+    picks = [torch.nonzero(y == k).flatten() for k in range(num_classes) if counts[k]]
+    return torch.cat([p[torch.randperm(len(p), generator=gen)[:per_class]] for p in picks]).sort().values
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1]. One fixed normalization for every dataset, so that a
+    teacher sees shifted domains through the same transform as its source."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def epoch_batches(
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Index batches for one epoch; the order depends only on (seed, epoch), so a resumed
+    run sees the same batches as an uninterrupted one."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    else:
+        order = torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)

@@ -1,0 +1,57 @@
+"""A labelled image dataset held in memory as uint8 tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A labelled image dataset in memory: uint8 (N, C, H, W) images, int64 labels."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    source: str
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[2]
+
+    def describe(self) -> str:
+        c, h, w = self.x_train.shape[1:]
+        return (
+            f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, "
+            f"{c}x{h}x{w}, {self.num_classes} classes, from {self.source}"
+        )
+
+
+def subset(data: ImageData, train: int | None = None, test: int | None = None, seed: int = 0) -> ImageData:
+    """A fixed random `train` / `test` examples (None keeps a split whole): for quick runs.
+    Random, not the first ones, because some files are sorted by class."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(n_keep: int | None, total: int) -> torch.Tensor | slice:
+        return (
+            slice(None)
+            if n_keep is None or n_keep >= total
+            else torch.randperm(total, generator=gen)[:n_keep]
+        )
+
+    tr, te = pick(train, len(data.y_train)), pick(test, len(data.y_test))
+    return replace(
+        data,
+        x_train=data.x_train[tr],
+        y_train=data.y_train[tr],
+        x_test=data.x_test[te],
+        y_test=data.y_test[te],
+    )

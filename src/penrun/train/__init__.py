@@ -1,0 +1,1 @@
+"""Training: the epoch loop, optimizers, checkpoints, run folders, several processes."""

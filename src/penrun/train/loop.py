@@ -1,0 +1,194 @@
+"""The epoch loop: batches on a device, optimizer steps, evaluation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from penrun.data import epoch_batches, normalize, num_batches
+from penrun.train import distributed
+from penrun.train.checkpoint import checkpoint_payload, restore_random_states
+from penrun.train.files import save_torch
+from penrun.train.optim import lr_factor, set_lr
+from penrun.train.run_folder import Run
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Validated trainer options (tasks build them from the `trainer` config node)."""
+
+    max_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    schedule: str
+    device: torch.device
+    num_threads: int | None
+    progress: bool
+
+
+# ---------------------------------------------------------------- batches on a device
+def progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
+    """A tqdm bar, quiet when disabled, when stderr is not a terminal, and on ranks other than 0."""
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (enabled and sys.stderr.isatty() and distributed.is_main()),
+    )
+
+
+def train_steps(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Optimizer steps per epoch of `device_batches`."""
+    return num_batches(n, batch_size, drop_last or distributed.is_distributed())
+
+
+def device_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches of (normalized images, labels) on `device`, sliced from uint8 tensors
+    in memory. Under torchrun each rank takes its shard of every global batch of `batch_size`
+    and the last partial batch is dropped, so that all ranks step on equal shards."""
+    drop_last = drop_last or distributed.is_distributed()
+    for idx in epoch_batches(
+        len(y), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last
+    ):
+        idx = distributed.shard(idx)
+        yield normalize(x[idx].to(device, non_blocking=True)), y[idx].to(device, non_blocking=True)
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def optimize_epoch(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: StepFn,
+    settings: TrainerSettings,
+    epoch: int,
+) -> dict[str, float]:
+    """One epoch of optimizer steps with a per-step learning-rate schedule; returns the mean
+    of the loss and of every logged term as train_<name>, and the epoch's wall time."""
+    start, sums = time.perf_counter(), {}
+    bar = progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress)
+    for step, (x, y) in enumerate(bar):
+        position = (epoch - 1 + step / steps) / settings.max_epochs
+        set_lr(optimizer, settings.lr * lr_factor(settings.schedule, position))
+        loss, logs = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in {"loss": loss.detach(), **logs}.items():
+            sums[name] = sums.get(name, 0.0) + value
+    return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
+
+
+def epoch_means(sums: dict[str, torch.Tensor | float], steps: int) -> dict[str, float]:
+    """train_<name>: the epoch's mean of each summed term, over all ranks under torchrun."""
+    if not sums:
+        return {}
+    means = distributed.mean_over_ranks(
+        torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]) / steps
+    )
+    return {f"train_{name}": float(value) for name, value in zip(sums, means, strict=True)}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate activations and logits of a classifier on uint8 images (on the CPU).
+    Under torchrun each rank computes a contiguous chunk and every rank gets all of them."""
+    was_training = model.training
+    model.eval()
+    local, sizes = distributed.local_chunk(x)
+    feats, logits = [], []
+    for idx in epoch_batches(len(local), batch_size, shuffle=False):
+        h = model.features(normalize(local[idx].to(device)))
+        feats.append(h)
+        logits.append(model.head(h))
+    model.train(was_training)
+    return (
+        distributed.gather_chunks(torch.cat(feats), sizes).cpu(),
+        distributed.gather_chunks(torch.cat(logits), sizes).cpu(),
+    )
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def train_epochs(
+    run: Run,
+    *,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    max_epochs: int,
+    train_epoch: Callable[[int], dict[str, float]],
+    evaluate: Callable[[int], dict[str, float]],
+    monitor: str,
+    generators: dict[str, torch.Generator] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The epoch loop: train, evaluate, log, checkpoint. Resumes from last.pt when present;
+    random states (global and the task's own `generators`) are restored with the weights, so
+    a resumed run reproduces the uninterrupted one."""
+    generators = generators or {}
+    history: list[dict[str, Any]] = []
+    start = 1
+    ckpt = run.load_last()
+    if ckpt is not None:
+        for name, module in modules.items():
+            module.load_state_dict(ckpt["modules"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        restore_random_states(ckpt["rng"], generators)
+        history, start = ckpt["history"], ckpt["epoch"] + 1
+        if distributed.is_main():
+            print(f"resuming {run.dir} from epoch {ckpt['epoch']}", file=sys.stderr)
+    best = max((row[monitor] for row in history), default=-math.inf)
+    for epoch in range(start, max_epochs + 1):
+        row = {"epoch": epoch, **train_epoch(epoch), **evaluate(epoch)}
+        history.append(row)
+        run.log_scalars(row, epoch)
+        payload = checkpoint_payload(run.config, modules, optimizers, generators, epoch, history, extra)
+        if row[monitor] > best:
+            best = row[monitor]
+            save_torch(run.best_path, payload)
+        save_torch(run.last_path, payload)
+        run.write_metrics({"history": history}, status="running")
+        distributed.barrier()  # no rank reads last.pt before rank 0 has written it
+    return history
+
+
+def stability(values: list[float], last: int = 5) -> dict[str, float]:
+    """Std over the last epochs and the largest drop between consecutive epochs."""
+    tail = values[-last:]
+    drops = [a - b for a, b in itertools.pairwise(values)]
+    return {
+        "std_last": float(np.std(tail)) if tail else 0.0,
+        "max_drop": float(max([0.0, *drops])),
+    }
