@@ -61,7 +61,7 @@ def main() -> None:
         fail(str(err))
     if distributed.launched_rank() > 0:
         # Ranks other than 0 print nothing and leave Hydra's files to rank 0.
-        sys.argv.append("hydra.output_subdir=null")
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     # Hydra's composition errors (an unknown key, a value of the wrong type) reach us as
     # exceptions, to be told in one line, instead of Hydra's report with exit status 1.

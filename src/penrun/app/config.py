@@ -5,6 +5,7 @@ library, and library errors into messages that name config keys.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from penrun.train.devices import resolve_device, set_threads
 from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import Run
 from penrun.train.seeding import seed_everything
+
+log = logging.getLogger(__name__)
 
 
 def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
@@ -133,5 +136,5 @@ def start_run(cfg: DictConfig) -> tuple[TrainerSettings, Run, dict[str, Any] | N
     done = run.finished_metrics()
     if done is not None:
         run.close()
-        print(f"{run.dir} is finished: reusing its results")
+        log.info(f"{run.dir} is finished: reusing its results")
     return settings, run, done

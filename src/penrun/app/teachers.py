@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,8 @@ from penrun.train.checkpoint import load_classifier
 from penrun.train.classifier import train_classifier
 from penrun.train.files import exclusive_lock
 from penrun.train.run_folder import Run
+
+log = logging.getLogger(__name__)
 
 
 def penultimate_model(
@@ -109,9 +112,9 @@ def _train_cached(
         # Rank 0 decides for all ranks: they train together or not at all.
         cached = distributed.broadcast_object(run.finished_metrics() is not None)
         if cached:
-            print(f"using cached {net_key} {folder}")
+            log.info(f"using cached {net_key} {folder}")
         else:
-            print(
+            log.info(
                 f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)"
             )
             train_classifier(run, classifier_spec(cfg, net_key, data), data, settings, seed=cfg[seed_key])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import sys
 import time
@@ -21,6 +22,8 @@ from penrun.train.checkpoint import checkpoint_payload, restore_random_states
 from penrun.train.files import save_torch
 from penrun.train.optim import lr_factor, set_lr
 from penrun.train.run_folder import Run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -168,11 +171,12 @@ def train_epochs(
         restore_random_states(ckpt["rng"], generators)
         history, start = ckpt["history"], ckpt["epoch"] + 1
         if distributed.is_main():
-            print(f"resuming {run.dir} from epoch {ckpt['epoch']}", file=sys.stderr)
+            log.info(f"resuming {run.dir} from epoch {ckpt['epoch']}")
     best = max((row[monitor] for row in history), default=-math.inf)
     for epoch in range(start, max_epochs + 1):
         row = {"epoch": epoch, **train_epoch(epoch), **evaluate(epoch)}
         history.append(row)
+        log.info(describe_epoch(row, max_epochs))
         run.log_scalars(row, epoch)
         payload = checkpoint_payload(run.config, modules, optimizers, generators, epoch, history, extra)
         if row[monitor] > best:
@@ -192,3 +196,9 @@ def stability(values: list[float], last: int = 5) -> dict[str, float]:
         "std_last": float(np.std(tail)) if tail else 0.0,
         "max_drop": float(max([0.0, *drops])),
     }
+
+
+def describe_epoch(row: dict[str, Any], max_epochs: int) -> str:
+    """One line per epoch for the console and the run's log: its numbers, rounded."""
+    numbers = (f"{k} {v:.4g}" for k, v in row.items() if k != "epoch" and isinstance(v, float))
+    return f"epoch {row['epoch']}/{max_epochs}: " + "  ".join(numbers)

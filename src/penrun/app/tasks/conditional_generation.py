@@ -7,6 +7,7 @@ A task supplies `build(cfg, setup) -> Generative` (its networks, optimizers and 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from penrun.models import Classifier
 from penrun.train.files import save_image_grid
 from penrun.train.loop import TrainerSettings, accuracy, predict, train_epochs
 from penrun.train.run_folder import Run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,7 +103,7 @@ def training_conditions(
 
 def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
     data = load_data(cfg)
-    print(data.describe())
+    log.info(data.describe())
     teacher, sampler, info = condition_sampler(cfg, data)
     evaluator, _, eval_path = obtain_classifier(
         cfg,
@@ -133,7 +136,7 @@ def run_generation(
 ) -> dict[str, Any]:
     settings, run_, done = start_run(cfg)
     if done is not None:
-        print(summary(done))
+        log.info(summary(done))
         return done
     check_options(cfg)
     s = prepare(cfg, settings)
@@ -179,7 +182,7 @@ def run_generation(
     write_samples(run_, model, s, g.grid_per_class, cfg.seed + 1)
     run_.write_metrics(metrics, status="complete")
     run_.close()
-    print(f"{summary(metrics)} -> {run_.dir}")
+    log.info(f"{summary(metrics)} -> {run_.dir}")
     return metrics
 
 

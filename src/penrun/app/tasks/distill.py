@@ -7,6 +7,7 @@ terms in `penrun.distill`, and is evaluated every epoch on both test sets.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -43,11 +44,13 @@ from penrun.train.loop import (
 from penrun.train.optim import build_optimizer
 from penrun.train.seeding import seed_everything
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     settings, run_, done = start_run(cfg)
     if done is not None:
-        print(summary(done))
+        log.info(summary(done))
         return done
     d = cfg.distill
     weights = loss_weights(d)
@@ -92,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             transfer.y_test,
         ),
     }
-    print(
+    log.info(
         f"teacher {teacher_path}: source {teacher_accs['teacher_source_acc']:.4f}, transfer {teacher_accs['teacher_transfer_acc']:.4f}"
     )
     history = train_student(
@@ -109,7 +112,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = final_metrics(history, teacher_accs, weights, d, source, transfer, len(y_train), teacher_path)
     run_.write_metrics(metrics, status="complete")
     run_.close()
-    print(summary(metrics))
+    log.info(summary(metrics))
     return metrics
 
 

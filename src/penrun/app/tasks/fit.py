@@ -8,6 +8,7 @@ on synthetic activations and tested on the real ones.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from penrun.core.diagnostics import (
 from penrun.core.penultimate import PenultimateModel, fit_kappa_from_activations
 from penrun.models import Classifier
 from penrun.train.loop import accuracy, predict
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -56,7 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log_to_tensorboard(run_, metrics)
     run_.write_metrics(metrics, status="complete")
     run_.close()
-    print(summary(metrics))
+    log.info(summary(metrics))
     return metrics
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import statistics
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,6 +24,8 @@ from penrun.app.errors import ConfigError
 from penrun.app.sweeps import FAILED_FILE, job_state
 from penrun.train.files import atomic_write
 from penrun.train.run_folder import flatten
+
+log = logging.getLogger(__name__)
 
 SEED_KEYS = ("seed",)
 
@@ -197,8 +200,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from err
-    print(text)
-    print(f"wrote {sweep_dir / 'report.md'}, report.csv" + (", curves.png" if layout.get("curve") else ""))
+    log.info(text)
+    log.info(f"wrote {sweep_dir / 'report.md'}, report.csv" + (", curves.png" if layout.get("curve") else ""))
     return {"task": "report", "sweep_dir": str(sweep_dir)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import DictConfig
@@ -9,16 +10,18 @@ from omegaconf import DictConfig
 from penrun.app.config import classifier_spec, load_data, start_run
 from penrun.train.classifier import train_classifier
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     settings, run_, done = start_run(cfg)
     if done is not None:
         return done
     data = load_data(cfg)
-    print(data.describe())
+    log.info(data.describe())
     spec = classifier_spec(cfg, "teacher", data)
     metrics = train_classifier(run_, spec, data, settings, seed=cfg.seed)
-    print(
+    log.info(
         f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {run_.dir}"
     )
     return metrics
