@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from penrun.cli import config_dir
+from penrun.app.cli import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PENRUN_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -34,7 +34,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def run_task(overrides: list[str], run_dir: Path, data_dir: Path | None = None) -> dict:
     """Run a task in this process, writing into run_dir (the cwd stands in for Hydra's run dir)."""
-    from penrun.tasks import get_task
+    from penrun.app.tasks import get_task
 
     extra = [f"paths.data_dir={data_dir}"] if data_dir else []
     cfg = compose_config([*QUICK, *extra, *overrides])
@@ -78,7 +78,7 @@ def step(self, *args, **kwargs):
     return original(self, *args, **kwargs)
 torch.optim.Adam.step = step
 sys.argv = ["penrun", *{args!r}]
-from penrun.cli import main
+from penrun.app.cli import main
 main()
 """
 

@@ -5,21 +5,27 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from penrun.cli import config_dir
-from penrun.sweeps import run_key
+from penrun.app.cli import config_dir
+from penrun.app.sweeps import run_key
 
 from conftest import compose_config
 
+# Config groups as a command line chooses them: `group=option`, or `group@node=option` for a
+# catalogue used at several nodes (net/ for teacher, student and evaluator; data/ for the
+# source data and the transfer set). The evaluator exists in task=vae/gan only.
 GROUPS = (
-    "task",
-    "data",
-    "teacher",
-    "student",
-    "trainer",
-    "transfer",
-    "method",
-    "pair",
-    "experiment",
+    ("task", "task", []),
+    ("data", "data", []),
+    ("data", "transfer", []),
+    ("net", "teacher", []),
+    ("net", "student", []),
+    ("net", "evaluator", ["task=vae"]),
+    ("trainer", "trainer", []),
+    ("trainer", "teacher_trainer", []),
+    ("vmf", "vmf", []),
+    ("method", "method", []),
+    ("pair", "pair", []),
+    ("experiment", "experiment", []),
 )
 
 
@@ -27,26 +33,50 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-GROUP_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+def choice(group: str, node: str) -> str:
+    return group if group == node or group in ("method", "pair", "experiment", "task") else f"{group}@{node}"
 
 
-@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
-def test_every_option_composes_and_resolves(group: str, option: str) -> None:
-    overrides = [f"+{group}={option}" if group == "pair" else f"{group}={option}"]
+GROUP_OPTIONS = [
+    pytest.param(group, node, option, extra, id=f"{choice(group, node)}={option}")
+    for group, node, extra in GROUPS
+    for option in options(group)
+]
+
+
+@pytest.mark.parametrize(("group", "node", "option", "extra"), GROUP_OPTIONS)
+def test_every_option_composes_and_resolves(group: str, node: str, option: str, extra: list[str]) -> None:
+    overrides = [*extra, f"{choice(group, node)}={option}"]
     if option == "npz":
-        overrides.append(f"{group}.path=/tmp/x.npz")
+        overrides.append(f"{node}.path=/tmp/x.npz")
     if (group, option) == ("task", "report"):
         overrides.append("sweep_dir=/tmp")
     resolved = OmegaConf.to_container(compose_config(overrides), resolve=True)
     assert resolved["task"]["name"]
-    if group in ("teacher", "student"):
-        assert resolved[group]["arch"] and resolved[group]["penultimate_dim"] >= 2
+    if group == "net":
+        assert resolved[node]["arch"] and resolved[node]["penultimate_dim"] >= 2
+        net = OmegaConf.to_container(compose_config([f"net@teacher={option}"]).teacher)
+        assert resolved[node] == net  # one catalogue: the same entry at every node
+    if group == "data":
+        assert resolved[node]["name"] == option
 
 
-def test_teacher_and_student_share_one_catalogue() -> None:
-    cfg = compose_config(["teacher=lenet5", "student=lenet5"])
-    assert cfg.teacher == cfg.student
-    assert set(options("teacher")) == set(options("student")) == set(options("net"))
+def test_teacher_student_and_evaluator_share_one_catalogue() -> None:
+    cfg = compose_config(["task=vae", "net@teacher=lenet5", "net@student=lenet5", "net@evaluator=lenet5"])
+    assert cfg.teacher == cfg.student == cfg.evaluator
+    assert cfg.teacher.arch == "lenet5" and cfg.teacher.penultimate_dim == 64
+    # The per-node catalogues are gone: net/ is the only one.
+    for old in ("teacher", "student", "transfer", "generation"):
+        assert not (config_dir() / old).exists(), old
+    assert options("net") == ["lenet5", "lenet5_half", "mlp", "mlp_small", "resnet20", "resnet8"]
+
+
+def test_the_transfer_set_comes_from_the_data_catalogue() -> None:
+    cfg = compose_config(["data@transfer=usps", "transfer.shift=blur", "transfer.shift_strength=0.5"])
+    assert (cfg.data.name, cfg.transfer.name) == ("digits", "usps")
+    assert (cfg.transfer.shift, cfg.transfer.shift_strength) == ("blur", 0.5)
+    usps = OmegaConf.to_container(compose_config(["data=usps"]).data)
+    assert {k: v for k, v in OmegaConf.to_container(cfg.transfer).items() if k in usps} == usps
 
 
 def test_default_is_distill_on_digits_with_cosine_heads() -> None:
@@ -63,7 +93,7 @@ def test_method_presets_and_single_weights() -> None:
 
 
 def test_pairs_set_both_domains() -> None:
-    cfg = compose_config(["+pair=usps_mnist"])
+    cfg = compose_config(["pair=usps_mnist"])
     assert (cfg.data.name, cfg.transfer.name, cfg.data.image_size) == ("usps", "mnist", 28)
     assert cfg.teacher.arch == "lenet5" and cfg.student.penultimate_dim == cfg.teacher.penultimate_dim
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from penrun import data as data_mod
-from penrun.data import epoch_batches, load_dataset, normalize, resize, to_channels
-from penrun.errors import ConfigError
+from penrun.app.errors import ConfigError
+from penrun.data import epoch_batches, load_dataset, normalize, resize, sources, to_channels
+from penrun.errors import InputError
+
+from conftest import compose_config, run_task
 
 
 def test_digits_is_embedded_and_split_stratified() -> None:
@@ -89,45 +91,91 @@ def test_npz_file_loads(tmp_path: Path) -> None:
 
 
 def test_npz_missing_keys(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"lacks keys \['y_test'\]"):
+    with pytest.raises(InputError, match=r"lacks keys \['y_test'\]"):
         load_dataset("npz", path=write_npz(tmp_path / "d.npz", y_test=None))
 
 
 def test_npz_labels_out_of_range(tmp_path: Path) -> None:
     write_npz(tmp_path / "mnist.npz", y_test=np.full(8, 12))
-    with pytest.raises(ConfigError, match=r"mnist y_test has label 12: labels must lie in 0\.\.9"):
+    with pytest.raises(InputError, match=r"mnist y_test has label 12: labels must lie in 0\.\.9"):
         load_dataset("mnist", data_dir=tmp_path, download=False)
-    with pytest.raises(ConfigError, match=r"y_train has label -1"):
+    with pytest.raises(InputError, match=r"y_train has label -1"):
         load_dataset("npz", path=write_npz(tmp_path / "d.npz", y_train=np.full(20, -1)))
 
 
 def test_npz_mismatched_sizes_need_image_size(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "d.npz", x_test=np.zeros((8, 16, 16), np.uint8))
     with pytest.raises(
-        ConfigError,
-        match=r"train images are \(12, 12\) but test images \(16, 16\); set data.image_size",
+        InputError,
+        match=r"train images are \(12, 12\) but test images \(16, 16\); set image_size to bring both",
     ):
         load_dataset("npz", path=path)
     assert load_dataset("npz", path=path, image_size=16).x_train.shape == (20, 1, 16, 16)
 
 
 def test_npz_bad_dtype_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="must be uint8"):
+    with pytest.raises(InputError, match="must be uint8"):
         load_dataset("npz", path=write_npz(tmp_path / "d.npz", x_train=np.zeros((20, 12, 12), np.float32)))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         load_dataset("npz", path=tmp_path / "nope.npz")
 
 
 def test_unknown_dataset_and_bad_sizes() -> None:
-    with pytest.raises(ConfigError, match=r"unknown dataset 'imagenet'; valid: \['cifar10', 'digits'"):
+    with pytest.raises(InputError, match=r"unknown dataset 'imagenet'; valid: \['cifar10', 'digits'"):
         load_dataset("imagenet")
-    with pytest.raises(ConfigError, match=r"data.channels=2 is invalid: use null, 1 \(grey\) or 3"):
+    # The library names its argument; the app names the config key (test_bad_sizes_name_config_keys).
+    with pytest.raises(InputError, match=r"^channels=2 is invalid: use null, 1 \(grey\) or 3 \(RGB\)$"):
         load_dataset("digits", channels=2)
+    with pytest.raises(InputError, match=r"^image_size=3 is invalid: use null or an integer >= 4$"):
+        load_dataset("digits", image_size=3)
 
 
 def test_offline_and_missing_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"Put svhn.npz .* in the data folder .*data.download=true"):
-        load_dataset("svhn", data_dir=tmp_path, cache_dir=tmp_path / "cache", download=False)
+    with pytest.raises(
+        InputError,
+        match=r"Put svhn.npz .* in the data folder \(data_dir='.*'\), or allow the torchvision "
+        r"download \(download=True, now False\)",
+    ):
+        load_dataset("svhn", data_dir=str(tmp_path), cache_dir=tmp_path / "cache", download=False)
+
+
+# ---------------------------------------------------------------- the same errors in config keys
+def test_bad_sizes_name_config_keys(tmp_path: Path) -> None:
+    """What the library says of its arguments, the app says of the keys a user sets."""
+    from penrun.app.config import load_data
+
+    # The schema refuses a value outside its choices when the task starts...
+    with pytest.raises(ConfigError, match=r"^data.channels=2 is invalid; valid: null, 1, 3$"):
+        run_task(["task=train_teacher", "data.channels=2"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^transfer.image_size=3 is invalid: use an integer >= 4$"):
+        run_task(["transfer.image_size=3"], tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # ...and load_data turns the library's argument names into the node's keys.
+    cfg = compose_config(["data.channels=2"])
+    with pytest.raises(ConfigError, match=r"^data.channels=2 is invalid: use null, 1 \(grey\) or 3 \(RGB\)$"):
+        load_data(cfg)
+    cfg = compose_config(["transfer.image_size=3"])
+    with pytest.raises(ConfigError, match=r"^transfer.image_size=3 is invalid: use null or an integer >= 4$"):
+        load_data(cfg, "transfer")
+
+
+def test_offline_and_missing_names_config_keys(tmp_path: Path) -> None:
+    from penrun.app.config import load_data
+
+    cfg = compose_config(
+        [
+            "data@transfer=svhn",
+            "transfer.download=false",
+            f"paths.data_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"Put svhn.npz .* in the data folder \(paths.data_dir='.*'\), or allow the torchvision "
+        r"download \(transfer.download=True, now False\)",
+    ):
+        load_data(cfg, "transfer")
 
 
 # ---------------------------------------------------------------- torchvision's own formats
@@ -175,6 +223,6 @@ def test_fashion_mnist_from_debian_files(tmp_path: Path, monkeypatch: pytest.Mon
         x, y = fake_digit_arrays(n, 28)
         for kind, arr, dims in (("images", x, 3), ("labels", y, 1)):
             (tmp_path / f"{prefix}-{kind}-idx{dims}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(arr)))
-    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path)
     d = load_dataset("fashion_mnist", cache_dir=tmp_path / "cache", download=False)
     assert d.x_test.shape == (10, 1, 28, 28) and "Debian" in d.source

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from penrun.vmf import log_bessel_iv, log_vmf_normalizer, mean_cosine
+from penrun.core.bessel import log_bessel_iv, log_vmf_normalizer, mean_cosine
 
 ORDERS = (0, 0.5, 1, 2.5, 10, 31, 63.5, 255, 1023, 2047)
 # Log-spaced 1e-6..1e5 plus both sides of the series/asymptotic switch at x = 10.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from penrun.cli import config_dir
+from penrun.app.cli import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

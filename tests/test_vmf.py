@@ -10,13 +10,8 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from penrun.vmf import (
-    VonMisesFisher,
-    fit_kappa,
-    log_vmf_normalizer,
-    mean_cosine,
-    sample_vmf,
-)
+from penrun.core.bessel import fit_kappa, log_vmf_normalizer, mean_cosine
+from penrun.core.vmf import VonMisesFisher, sample_vmf
 
 DIMS = (2, 3, 5, 64, 512)
 KAPPAS = (0.0, 0.5, 10.0, 300.0, 1e4)

@@ -91,4 +91,5 @@ def composition_error(err: Exception) -> str:
         if cause.value is not None:
             return f"{cause.full_key}={cause.value!r} is invalid: {reason}"
         return f"{cause.full_key}: {reason}"
-    return " ".join(str(err).split())
+    # Hydra's "Could not find 'net/nope'" lists the options, then its search path: keep the options.
+    return " ".join(str(err).split()).split(" Config search path")[0]

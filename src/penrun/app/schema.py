@@ -10,6 +10,7 @@ those marks; the few rules that tie several fields together stay in the tasks.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,45 +187,62 @@ class PenrunConfig:
 ConfigStore.instance().store(name="penrun_schema", node=PenrunConfig)
 
 
+def _schema_of(f: dataclasses.Field) -> type | None:
+    """The schema of a nested node, if the field is one."""
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
 def _marked_fields(schema: type, prefix: str = "") -> dict[str, dict[str, Any]]:
     """Every marked field of a schema, by its dotted key."""
     marks: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(schema):
-        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+        nested = _schema_of(f)
+        if nested is not None:
             marks |= _marked_fields(nested, f"{prefix}{f.name}.")
         elif f.metadata:
             marks[f"{prefix}{f.name}"] = dict(f.metadata)
     return marks
 
 
-def _nested_schemas() -> dict[str, type]:
-    """The optional nodes of the root, by name, with their schema."""
-    return {
-        "transfer": TransferConfig,
-        "distill": DistillConfig,
-        "fit": FitConfig,
-        "gen": GenConfig,
-        "vae": VaeConfig,
-        "gan": GanConfig,
-        "evaluator": NetConfig,
-        "evaluator_trainer": TrainerConfig,
-        "report": ReportConfig,
-    }
-
+# The optional nodes of the root (null unless a task sets them), with their schema.
+_NESTED: dict[str, type] = {
+    "transfer": TransferConfig,
+    "distill": DistillConfig,
+    "fit": FitConfig,
+    "gen": GenConfig,
+    "vae": VaeConfig,
+    "gan": GanConfig,
+    "evaluator": NetConfig,
+    "evaluator_trainer": TrainerConfig,
+    "report": ReportConfig,
+}
 
 FIELD_MARKS: dict[str, dict[str, Any]] = _marked_fields(PenrunConfig) | {
-    key: mark
-    for node, schema in _nested_schemas().items()
-    for key, mark in _marked_fields(schema, f"{node}.").items()
+    key: mark for node, schema in _NESTED.items() for key, mark in _marked_fields(schema, f"{node}.").items()
 }
 
 RUNTIME_KEYS: tuple[str, ...] = tuple(key for key, mark in FIELD_MARKS.items() if mark.get("runtime"))
 
 
+def check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Refuse a key that the schema does not have (Hydra lets `+trainer.max_epoch=3` add
+    one), naming the nearest real key."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid: {', '.join(fields)}"
+            raise ConfigError(f"{prefix}{key} is not a key of penrun's config{hint}")
+        nested = _NESTED.get(f"{prefix}{key}") or _schema_of(fields[key])
+        if nested is not None and isinstance(node[key], DictConfig):
+            check_keys(node[key], nested, f"{prefix}{key}.")
+
+
 def check_values(cfg: DictConfig) -> None:
-    """Refuse a value outside its field's choices or bounds, and any non-finite number,
-    naming the key, the value and what is valid."""
+    """Refuse a key the schema lacks, a value outside its field's choices or bounds, and any
+    non-finite number, naming the key, the value and what is valid."""
+    check_keys(cfg, PenrunConfig)
     for key, mark in FIELD_MARKS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
