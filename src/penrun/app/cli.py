@@ -18,7 +18,7 @@ from penrun.app import (
     schema,  # noqa: F401 (registers the config schema before Hydra composes)
     sweeps,
 )
-from penrun.app.config import run_dir
+from penrun.app.config import job_folder
 from penrun.app.tasks import get_task
 from penrun.errors import InputError
 from penrun.train import distributed
@@ -37,7 +37,7 @@ def config_dir() -> Path:
 def _hydra_main(cfg: DictConfig) -> None:
     """One job. In a sweep a failure is recorded in the job's folder (failed.json) and the
     sweep goes on; a single run stops with the error."""
-    folder = run_dir()
+    folder = job_folder()
     try:
         get_task(cfg.task.name)(cfg)
     except Exception as err:

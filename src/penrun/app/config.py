@@ -20,7 +20,7 @@ from penrun.models import build_classifier
 from penrun.train import distributed
 from penrun.train.devices import resolve_device, set_threads
 from penrun.train.loop import TrainerSettings
-from penrun.train.run_folder import Run
+from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -29,21 +29,21 @@ log = logging.getLogger(__name__)
 def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
     """The settings of a trainer node (`trainer`, or `teacher_trainer` for cached teachers);
     its values were checked against the schema when the task started."""
-    t = cfg[key]
+    trainer = cfg[key]
     with config_keys(batch_size=f"{key}.batch_size", device=f"{key}.device"):
-        distributed.check_batch_size(t.batch_size)
-        device = distributed.process_device(resolve_device(t.device), t.device)
+        distributed.check_batch_size(trainer.batch_size)
+        device = distributed.process_device(resolve_device(trainer.device), trainer.device)
     return TrainerSettings(
-        max_epochs=t.max_epochs,
-        batch_size=t.batch_size,
-        eval_batch_size=t.eval_batch_size,
-        lr=t.lr,
-        optimizer=t.optimizer,
-        weight_decay=t.weight_decay,
-        schedule=t.schedule,
+        max_epochs=trainer.max_epochs,
+        batch_size=trainer.batch_size,
+        eval_batch_size=trainer.eval_batch_size,
+        lr=trainer.lr,
+        optimizer=trainer.optimizer,
+        weight_decay=trainer.weight_decay,
+        schedule=trainer.schedule,
         device=device,
-        num_threads=t.num_threads,
-        progress=t.progress,
+        num_threads=trainer.num_threads,
+        progress=trainer.progress,
     )
 
 
@@ -60,20 +60,20 @@ def setup(cfg: DictConfig) -> TrainerSettings:
 
 def load_data(cfg: DictConfig, node: str = "data") -> ImageData:
     """The dataset of a data node (`data`, or `transfer`)."""
-    d = cfg[node]
+    options = cfg[node]
     keys = {name: f"{node}.{name}" for name in ("name", "path", "download", "image_size", "channels")}
     with config_keys(**keys, data_dir="paths.data_dir"):
         data = load_dataset(
-            d.name,
+            options.name,
             data_dir=cfg.paths.data_dir,
             cache_dir=cfg.paths.cache_dir,
-            download=d.download,
-            path=d.path,
-            image_size=d.image_size,
-            channels=d.channels,
+            download=options.download,
+            path=options.path,
+            image_size=options.image_size,
+            channels=options.channels,
         )
-    if d.limit_train is not None or d.limit_test is not None:
-        data = subset(data, d.limit_train, d.limit_test)
+    if options.limit_train is not None or options.limit_test is not None:
+        data = subset(data, options.limit_train, options.limit_test)
     return data
 
 
@@ -116,25 +116,25 @@ def strip_runtime_keys(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if value != {}}
 
 
-def run_dir() -> Path:
+def job_folder() -> Path:
     """This job's folder: Hydra's run (or sweep) dir; the cwd when Hydra is not running."""
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(os.getcwd())
 
 
-def open_run(cfg: DictConfig, directory: Path | None = None) -> Run:
-    return Run(directory or run_dir(), run_config(cfg), progress=bool(cfg.trainer.progress))
+def open_folder(cfg: DictConfig, directory: Path | None = None) -> RunFolder:
+    return RunFolder(directory or job_folder(), run_config(cfg), progress=bool(cfg.trainer.progress))
 
 
-def start_run(cfg: DictConfig) -> tuple[TrainerSettings, Run, dict[str, Any] | None]:
+def start_task(cfg: DictConfig) -> tuple[TrainerSettings, RunFolder, dict[str, Any] | None]:
     """Validate, seed, open the run folder; the metrics of a finished run of this config
     come back too (the task then returns them instead of running again)."""
     settings = setup(cfg)
-    run = open_run(cfg)
-    run.claim()
-    done = run.finished_metrics()
+    folder = open_folder(cfg)
+    folder.claim()
+    done = folder.finished_metrics()
     if done is not None:
-        run.close()
-        log.info(f"{run.dir} is finished: reusing its results")
-    return settings, run, done
+        folder.close()
+        log.info(f"{folder.dir} is finished: reusing its results")
+    return settings, folder, done

@@ -22,7 +22,7 @@ from penrun.train import distributed
 from penrun.train.checkpoint import load_classifier
 from penrun.train.classifier import train_classifier
 from penrun.train.files import exclusive_lock
-from penrun.train.run_folder import Run
+from penrun.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -102,24 +102,24 @@ def _train_cached(
 ) -> Path:
     identity = teacher_identity(cfg, net_key, trainer_key, seed_key)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    folder = (
+    path = (
         Path(cfg.paths.output_dir) / cache / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
     )
-    run = Run(folder, identity, progress=bool(cfg[trainer_key].progress))
+    folder = RunFolder(path, identity, progress=bool(cfg[trainer_key].progress))
     settings = trainer_settings(cfg, trainer_key)
     # Parallel jobs of a sweep that need the same classifier: one trains it, the others wait.
-    with cache_lock(folder):
+    with cache_lock(path):
         # Rank 0 decides for all ranks: they train together or not at all.
-        cached = distributed.broadcast_object(run.finished_metrics() is not None)
+        cached = distributed.broadcast_object(folder.finished_metrics() is not None)
         if cached:
-            log.info(f"using cached {net_key} {folder}")
+            log.info(f"using cached {net_key} {path}")
         else:
             log.info(
-                f"training {net_key} {cfg[net_key].arch} on {data.name} into {folder} (cached for later runs)"
+                f"training {net_key} {cfg[net_key].arch} on {data.name} into {path} (cached for later runs)"
             )
-            train_classifier(run, classifier_spec(cfg, net_key, data), data, settings, seed=cfg[seed_key])
+            train_classifier(folder, classifier_spec(cfg, net_key, data), data, settings, seed=cfg[seed_key])
     distributed.barrier()
-    return run.last_path
+    return folder.last_path
 
 
 @contextmanager

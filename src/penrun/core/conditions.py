@@ -56,11 +56,11 @@ def generate(
 ) -> torch.Tensor:
     """uint8 images (on the CPU) of the classes y; z and c are drawn (on the CPU) from a
     generator seeded with `seed`, so the same seed gives the same images."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     parts = []
     for idx in torch.arange(len(y)).split(batch_size):
-        c = sampler(y[idx], gen)
-        z = torch.randn(len(idx), z_dim, generator=gen)
+        c = sampler(y[idx], rng)
+        z = torch.randn(len(idx), z_dim, generator=rng)
         parts.append(to_uint8(decoder(z.to(device), c.to(device)).cpu()))
     return torch.cat(parts)
 

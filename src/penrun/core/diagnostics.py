@@ -35,14 +35,14 @@ def linear_probe_accuracy(
     seed: int = 0,
 ) -> float:
     """Train a linear classifier (softmax regression) on one set, return its accuracy on another."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     probe = torch.nn.Linear(x_train.shape[1], num_classes, dtype=x_train.dtype)
     with torch.no_grad():
-        probe.weight.normal_(0, 0.01, generator=gen)
+        probe.weight.normal_(0, 0.01, generator=rng)
         probe.bias.zero_()
     opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
     for _ in range(epochs):
-        for idx in torch.randperm(len(y_train), generator=gen).split(batch_size):
+        for idx in torch.randperm(len(y_train), generator=rng).split(batch_size):
             loss = F.cross_entropy(probe(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

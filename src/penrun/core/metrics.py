@@ -68,9 +68,9 @@ def generation_metrics(
     acc = per_class(lambda v: v.mean().item(), hits, y, num_classes)
     diversity = per_class(mean_pairwise_distance, features, y, num_classes)
     count = min(len(features), len(real_features))
-    gen = torch.Generator().manual_seed(seed)
-    pick_fake = torch.randperm(len(features), generator=gen)[:count]
-    pick_real = torch.randperm(len(real_features), generator=gen)[:count]
+    rng = torch.Generator().manual_seed(seed)
+    pick_fake = torch.randperm(len(features), generator=rng)[:count]
+    pick_real = torch.randperm(len(real_features), generator=rng)[:count]
     return {
         "cond_acc": sum(acc) / num_classes,
         "frechet": frechet_distance_of(features[pick_fake], real_features[pick_real]),

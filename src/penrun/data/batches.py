@@ -10,7 +10,7 @@ import torch
 
 def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
     """Indices of `per_class` examples of each class, drawn reproducibly from the seed."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     counts = torch.bincount(y, minlength=num_classes)
     present = counts[counts > 0]  # an aligned set may lack a class (STL-10 has no frog)
     if per_class > present.min():
@@ -19,7 +19,7 @@ def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int
             f"(the rarest class has {int(present.min())})"
         )
     picks = [torch.nonzero(y == k).flatten() for k in range(num_classes) if counts[k]]
-    return torch.cat([p[torch.randperm(len(p), generator=gen)[:per_class]] for p in picks]).sort().values
+    return torch.cat([p[torch.randperm(len(p), generator=rng)[:per_class]] for p in picks]).sort().values
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,13 @@ class ImageData:
 def subset(data: ImageData, train: int | None = None, test: int | None = None, seed: int = 0) -> ImageData:
     """A fixed random `train` / `test` examples (None keeps a split whole): for quick runs.
     Random, not the first ones, because some files are sorted by class."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
 
     def pick(n_keep: int | None, total: int) -> torch.Tensor | slice:
         return (
             slice(None)
             if n_keep is None or n_keep >= total
-            else torch.randperm(total, generator=gen)[:n_keep]
+            else torch.randperm(total, generator=rng)[:n_keep]
         )
 
     tr, te = pick(train, len(data.y_train)), pick(test, len(data.y_test))

@@ -97,11 +97,11 @@ def shift_images(data: ImageData, shift: str, strength: float, seed: int = 0) ->
         raise ValueError(f"shift={shift!r} is invalid; valid: none, {', '.join(SHIFTS)}")
     if not isinstance(strength, int | float) or strength <= 0 or (shift == "invert" and strength > 1):
         raise ValueError(f"strength={strength!r} is invalid for {shift}: use {SHIFTS[shift][0]} (> 0)")
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     fn = SHIFTS[shift][1]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return fn(x.float(), float(strength), gen).round_().clamp_(0, 255).to(torch.uint8)
+        return fn(x.float(), float(strength), rng).round_().clamp_(0, 255).to(torch.uint8)
 
     name = f"{data.name}+{shift}({strength:g})"
     return replace(data, name=name, x_train=apply(data.x_train), x_test=apply(data.x_test))

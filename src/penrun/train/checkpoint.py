@@ -51,7 +51,7 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     ckpt = load_checkpoint(path)
     if "classifier" not in ckpt:
         raise InputError(
-            f"checkpoint {str(path)!r} holds no classifier: pass one written by task=train_teacher or task=distill"
+            f"checkpoint {str(path)!r} holds no classifier: pass the last.pt or best.pt of a classifier training run"
         )
     model = build_classifier(**ckpt["classifier"])
     model.load_state_dict(ckpt["modules"]["model"])

@@ -24,16 +24,16 @@ from penrun.train.loop import (
     train_steps,
 )
 from penrun.train.optim import build_optimizer
-from penrun.train.run_folder import Run
+from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
 
 def train_classifier(
-    run: Run, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
+    folder: RunFolder, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
 ) -> dict[str, Any]:
     """Train (or resume), record the activation statistics, write the final metrics."""
-    model, history = fit_classifier(run, spec, data, settings, seed)
-    record_statistics(run, model, data, settings)
+    model, history = fit_classifier(folder, spec, data, settings, seed)
+    record_statistics(folder, model, data, settings)
     accs = [row["test_acc"] for row in history]
     metrics = {
         "task": "train_teacher",
@@ -43,16 +43,16 @@ def train_classifier(
         "stability": stability(accs),
         "num_params": sum(p.numel() for p in model.parameters()),
         "data": data.describe(),
-        "checkpoint": str(run.last_path),
+        "checkpoint": str(folder.last_path),
         "history": history,
     }
-    run.write_metrics(metrics, status="complete")
-    run.close()
+    folder.write_metrics(metrics, status="complete")
+    folder.close()
     return metrics
 
 
 def fit_classifier(
-    run: Run, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
+    folder: RunFolder, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
 ) -> tuple[Classifier, list[dict[str, Any]]]:
     """Cross-entropy training with per-epoch test evaluation; resumes from last.pt."""
     device = settings.device
@@ -85,7 +85,7 @@ def fit_classifier(
         return {"test_acc": accuracy(logits, data.y_test)}
 
     history = train_epochs(
-        run,
+        folder,
         modules={"model": model},
         optimizers={"optimizer": optimizer},
         max_epochs=settings.max_epochs,
@@ -97,12 +97,14 @@ def fit_classifier(
     return model, history
 
 
-def record_statistics(run: Run, model: Classifier, data: ImageData, settings: TrainerSettings) -> None:
+def record_statistics(
+    folder: RunFolder, model: Classifier, data: ImageData, settings: TrainerSettings
+) -> None:
     """Store the training set's activation statistics in last.pt and best.pt, each for its
     own weights (the teacher a later task loads is last.pt: best.pt is chosen on test data).
     `model` holds the last weights; best.pt reuses their statistics when it is the same epoch."""
     stats = {}
-    for path in (run.last_path, run.best_path):
+    for path in (folder.last_path, folder.best_path):
         ckpt = load_checkpoint(path)
         if ckpt["epoch"] not in stats:
             model.load_state_dict(ckpt["modules"]["model"])

@@ -21,7 +21,7 @@ from penrun.train import distributed
 from penrun.train.checkpoint import checkpoint_payload, restore_random_states
 from penrun.train.files import save_torch
 from penrun.train.optim import lr_factor, set_lr
-from penrun.train.run_folder import Run
+from penrun.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_epochs(
-    run: Run,
+    folder: RunFolder,
     *,
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
@@ -162,7 +162,7 @@ def train_epochs(
     generators = generators or {}
     history: list[dict[str, Any]] = []
     start = 1
-    ckpt = run.load_last()
+    ckpt = folder.load_last()
     if ckpt is not None:
         for name, module in modules.items():
             module.load_state_dict(ckpt["modules"][name])
@@ -171,19 +171,19 @@ def train_epochs(
         restore_random_states(ckpt["rng"], generators)
         history, start = ckpt["history"], ckpt["epoch"] + 1
         if distributed.is_main():
-            log.info(f"resuming {run.dir} from epoch {ckpt['epoch']}")
+            log.info(f"resuming {folder.dir} from epoch {ckpt['epoch']}")
     best = max((row[monitor] for row in history), default=-math.inf)
     for epoch in range(start, max_epochs + 1):
         row = {"epoch": epoch, **train_epoch(epoch), **evaluate(epoch)}
         history.append(row)
         log.info(describe_epoch(row, max_epochs))
-        run.log_scalars(row, epoch)
-        payload = checkpoint_payload(run.config, modules, optimizers, generators, epoch, history, extra)
+        folder.log_scalars(row, epoch)
+        payload = checkpoint_payload(folder.config, modules, optimizers, generators, epoch, history, extra)
         if row[monitor] > best:
             best = row[monitor]
-            save_torch(run.best_path, payload)
-        save_torch(run.last_path, payload)
-        run.write_metrics({"history": history}, status="running")
+            save_torch(folder.best_path, payload)
+        save_torch(folder.last_path, payload)
+        folder.write_metrics({"history": history}, status="running")
         distributed.barrier()  # no rank reads last.pt before rank 0 has written it
     return history
 

@@ -32,7 +32,7 @@ def config_difference(old: dict, new: dict) -> list[str]:
     ]
 
 
-class Run:
+class RunFolder:
     """A run folder: metrics.json, checkpoints/, tensorboard/. Knows whether the run is
     finished (reuse it), interrupted (resume from last.pt) or new."""
 

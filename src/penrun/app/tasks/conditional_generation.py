@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from penrun.app.config import load_data, start_run
+from penrun.app.config import load_data, start_task
 from penrun.app.errors import ConfigError
 from penrun.app.teachers import obtain_classifier, penultimate_model
 from penrun.core.conditions import (
@@ -33,7 +33,7 @@ from penrun.data import ImageData
 from penrun.models import Classifier
 from penrun.train.files import save_image_grid
 from penrun.train.loop import TrainerSettings, accuracy, predict, train_epochs
-from penrun.train.run_folder import Run
+from penrun.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
 def run_generation(
     cfg: DictConfig, build: Callable[[DictConfig, GenerationSetup], Generative]
 ) -> dict[str, Any]:
-    settings, run_, done = start_run(cfg)
+    settings, folder, done = start_task(cfg)
     if done is not None:
         log.info(summary(done))
         return done
@@ -161,7 +161,7 @@ def run_generation(
         return {**scalars, "eval_time": time.perf_counter() - start}
 
     history = train_epochs(
-        run_,
+        folder,
         modules=model.modules,
         optimizers=model.optimizers,
         max_epochs=settings.max_epochs,
@@ -179,10 +179,10 @@ def run_generation(
         "epoch_time": sum(row["epoch_time"] for row in history) / len(history),
         "history": history,
     }
-    write_samples(run_, model, s, g.grid_per_class, cfg.seed + 1)
-    run_.write_metrics(metrics, status="complete")
-    run_.close()
-    log.info(f"{summary(metrics)} -> {run_.dir}")
+    write_samples(folder, model, s, g.grid_per_class, cfg.seed + 1)
+    folder.write_metrics(metrics, status="complete")
+    folder.close()
+    log.info(f"{summary(metrics)} -> {folder.dir}")
     return metrics
 
 
@@ -194,12 +194,14 @@ def sample_images(model: Generative, s: GenerationSetup, labels: torch.Tensor, s
     return generate(model.decoder, s.sampler, labels, model.z_dim, seed, batch, device)
 
 
-def write_samples(run_: Run, model: Generative, s: GenerationSetup, per_class: int, seed: int) -> None:
+def write_samples(
+    folder: RunFolder, model: Generative, s: GenerationSetup, per_class: int, seed: int
+) -> None:
     """samples.png (one row per class) and the same grid in TensorBoard."""
     images = sample_images(model, s, balanced_labels(s.data.num_classes, per_class), seed)
     grid = sample_grid(images, per_class)
-    save_image_grid(grid, run_.dir / "samples.png")
-    run_.writer.add_image("samples", grid, s.settings.max_epochs)
+    save_image_grid(grid, folder.dir / "samples.png")
+    folder.writer.add_image("samples", grid, s.settings.max_epochs)
 
 
 def summary(metrics: dict[str, Any]) -> str:

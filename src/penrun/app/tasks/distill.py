@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from penrun.app.config import classifier_spec, load_data, start_run
+from penrun.app.config import classifier_spec, load_data, start_task
 from penrun.app.errors import ConfigError, config_keys
 from penrun.app.teachers import obtain_classifier, penultimate_model
 from penrun.core.losses import (
@@ -48,13 +48,13 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    settings, run_, done = start_run(cfg)
+    settings, folder, done = start_task(cfg)
     if done is not None:
         log.info(summary(done))
         return done
-    d = cfg.distill
-    weights = loss_weights(d)
-    labels = labels_option(d.labels)
+    options = cfg.distill
+    weights = loss_weights(options)
+    labels = labels_option(options.labels)
     if labels is None and weights["ce"] > 0:
         raise ConfigError(
             "distill.losses.ce > 0 needs labels, but distill.labels=none; set distill.labels=all or N, or ce=0"
@@ -74,10 +74,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     shared = DistillSetup(
         teacher=teacher,
         model=model,
-        tau=float(d.tau),
+        tau=float(options.tau),
         similarity=class_similarity(teacher.head.effective_weight().detach()),
-        dirichlet_beta=float(d.dirichlet_beta),
-        smooth_epsilon=smoothing_for(model, teacher, float(d.tau), generator)
+        dirichlet_beta=float(options.dirichlet_beta),
+        smooth_epsilon=smoothing_for(model, teacher, float(options.tau), generator)
         if weights["smooth"] > 0
         else 0.0,
         synthetic_batch=settings.batch_size // distributed.world_size(),
@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         f"teacher {teacher_path}: source {teacher_accs['teacher_source_acc']:.4f}, transfer {teacher_accs['teacher_transfer_acc']:.4f}"
     )
     history = train_student(
-        run_,
+        folder,
         student_spec,
         shared,
         weights,
@@ -109,17 +109,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         settings,
         cfg.seed,
     )
-    metrics = final_metrics(history, teacher_accs, weights, d, source, transfer, len(y_train), teacher_path)
-    run_.write_metrics(metrics, status="complete")
-    run_.close()
+    metrics = final_metrics(
+        history, teacher_accs, weights, options, source, transfer, len(y_train), teacher_path
+    )
+    folder.write_metrics(metrics, status="complete")
+    folder.close()
     log.info(summary(metrics))
     return metrics
 
 
 # ---------------------------------------------------------------- checks before training
-def loss_weights(d: DictConfig) -> dict[str, float]:
+def loss_weights(options: DictConfig) -> dict[str, float]:
     """Every term's weight (the schema checked each one)."""
-    weights = {name: float(d.losses[name]) for name in LOSSES}
+    weights = {name: float(options.losses[name]) for name in LOSSES}
     if not any(w > 0 for w in weights.values()):
         raise ConfigError(
             f"all loss weights are zero: set at least one of distill.losses.{{{', '.join(LOSSES)}}} > 0"
@@ -242,7 +244,7 @@ def train_student(
 
 
 def final_metrics(
-    history, teacher_accs, weights, d, source, transfer, n_train, teacher_path
+    history, teacher_accs, weights, options, source, transfer, n_train, teacher_path
 ) -> dict[str, Any]:
     source_accs = [row["source_acc"] for row in history]
     transfer_accs = [row["transfer_acc"] for row in history]
@@ -251,7 +253,7 @@ def final_metrics(
         "source": source.name,
         "transfer": transfer.name,
         "method": "+".join(k for k, v in weights.items() if v > 0),
-        "labels": d.labels,
+        "labels": options.labels,
         "transfer_train_size": n_train,
         "losses": {k: v for k, v in weights.items() if v > 0},
         "source_acc": source_accs[-1],

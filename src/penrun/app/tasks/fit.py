@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from penrun.app.config import load_data, start_run
+from penrun.app.config import load_data, start_task
 from penrun.app.teachers import obtain_classifier, penultimate_model
 from penrun.core.diagnostics import (
     class_cosines,
@@ -27,12 +27,13 @@ from penrun.core.diagnostics import (
 from penrun.core.penultimate import PenultimateModel, fit_kappa_from_activations
 from penrun.models import Classifier
 from penrun.train.loop import accuracy, predict
+from penrun.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    settings, run_, done = start_run(cfg)
+    settings, folder, done = start_task(cfg)
     if done is not None:
         return done
     data = load_data(cfg)
@@ -53,12 +54,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             data.y_test,
             cfg.fit.samples_per_class,
             cfg.seed,
-            run_.dir,
+            folder.dir,
         ),
     }
-    log_to_tensorboard(run_, metrics)
-    run_.write_metrics(metrics, status="complete")
-    run_.close()
+    log_to_tensorboard(folder, metrics)
+    folder.write_metrics(metrics, status="complete")
+    folder.close()
     log.info(summary(metrics))
     return metrics
 
@@ -81,9 +82,9 @@ def diagnose(
     k = model.num_classes
     posterior = model.posterior(h)
     real_a = F.normalize(h, dim=1)
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     # Class-balanced synthetic activations: compared with the real ones, and the probe's training set.
-    synth_a, synth_y = model.sample(k * samples_per_class, balanced=True, generator=gen)
+    synth_a, synth_y = model.sample(k * samples_per_class, balanced=True, generator=rng)
     real_cos, synth_cos = (
         class_cosines(real_a, y, model.mu),
         class_cosines(synth_a, synth_y, model.mu),
@@ -119,19 +120,19 @@ def diagnose(
     }
 
 
-def log_to_tensorboard(run, metrics: dict[str, Any]) -> None:
+def log_to_tensorboard(folder: RunFolder, metrics: dict[str, Any]) -> None:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    run.log_scalars(scalars, 0)
+    folder.log_scalars(scalars, 0)
     for c in metrics["per_class"]:
-        run.log_scalars(
+        folder.log_scalars(
             {f"class_{c['class']}/{k}": v for k, v in c.items() if k not in ("class", "count")}, 0
         )
     import matplotlib.image
 
     for name in ("cosine_hist", "circle"):
-        path = run.dir / f"{name}.png"
+        path = folder.dir / f"{name}.png"
         if path.exists():
-            run.writer.add_image(name, matplotlib.image.imread(path)[..., :3], 0, dataformats="HWC")
+            folder.writer.add_image(name, matplotlib.image.imread(path)[..., :3], 0, dataformats="HWC")
 
 
 def summary(metrics: dict[str, Any]) -> str:

@@ -7,21 +7,21 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from penrun.app.config import classifier_spec, load_data, start_run
+from penrun.app.config import classifier_spec, load_data, start_task
 from penrun.train.classifier import train_classifier
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    settings, run_, done = start_run(cfg)
+    settings, folder, done = start_task(cfg)
     if done is not None:
         return done
     data = load_data(cfg)
     log.info(data.describe())
     spec = classifier_spec(cfg, "teacher", data)
-    metrics = train_classifier(run_, spec, data, settings, seed=cfg.seed)
+    metrics = train_classifier(folder, spec, data, settings, seed=cfg.seed)
     log.info(
-        f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {run_.dir}"
+        f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {folder.dir}"
     )
     return metrics
