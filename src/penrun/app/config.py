@@ -5,6 +5,7 @@ library, and library errors into messages that name config keys.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -33,18 +34,8 @@ def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
     with config_keys(batch_size=f"{key}.batch_size", device=f"{key}.device"):
         distributed.check_batch_size(trainer.batch_size)
         device = distributed.process_device(resolve_device(trainer.device), trainer.device)
-    return TrainerSettings(
-        max_epochs=trainer.max_epochs,
-        batch_size=trainer.batch_size,
-        eval_batch_size=trainer.eval_batch_size,
-        lr=trainer.lr,
-        optimizer=trainer.optimizer,
-        weight_decay=trainer.weight_decay,
-        schedule=trainer.schedule,
-        device=device,
-        num_threads=trainer.num_threads,
-        progress=trainer.progress,
-    )
+    names = [f.name for f in dataclasses.fields(TrainerSettings) if f.name != "device"]
+    return TrainerSettings(device=device, **{name: trainer[name] for name in names})
 
 
 def setup(cfg: DictConfig) -> TrainerSettings:
