@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -22,6 +24,8 @@ from penrun.app.config import job_folder
 from penrun.app.tasks import get_task
 from penrun.errors import InputError
 from penrun.train import distributed
+from penrun.train.loop import TrainingDiverged
+from penrun.train.run_folder import FolderRefused
 
 
 def config_dir() -> Path:
@@ -38,15 +42,30 @@ def _hydra_main(cfg: DictConfig) -> None:
     """One job. In a sweep a failure is recorded in the job's folder (failed.json) and the
     sweep goes on; a single run stops with the error."""
     folder = job_folder()
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         get_task(cfg.task.name)(cfg)
     except Exception as err:
-        sweeps.record_failure(folder, err)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # A sweep records why a job failed (the sweep goes on); a single run says it and stops.
+        # A folder that holds another run is never written to; a refused single run leaves no
+        # folder of its own behind.
+        if sweep and not isinstance(err, FolderRefused):
+            sweeps.record_failure(folder, err)
+        if sweep:
             print(f"penrun: job {folder} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return
         if isinstance(err, InputError):
+            remove_if_empty(folder)
             fail(str(err))
+        sweeps.record_failure(folder, err)
+        if isinstance(err, TrainingDiverged):
+            fail(str(err), status=1)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            fail(
+                f"no space left on device writing {err.filename or folder}: free space, then run the "
+                "same command again to resume (the files already written are intact)",
+                status=1,
+            )
         raise
     else:
         sweeps.clear_failure(folder)
@@ -78,9 +97,15 @@ if __name__ == "__main__":
     main()
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, status: int = 2) -> NoReturn:
     print(f"penrun: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+def remove_if_empty(folder: Path) -> None:
+    """A run folder that Hydra made for a command refused before it wrote anything."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def composition_error(err: Exception) -> str:

@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from penrun.app.errors import config_keys
 from penrun.app.schema import RUNTIME_KEYS, check_values
 from penrun.data import ImageData, load_dataset, subset
+from penrun.errors import InputError
 from penrun.models import build_classifier
 from penrun.train import distributed
 from penrun.train.devices import resolve_device, set_threads
+from penrun.train.files import atomic_write
 from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
@@ -123,9 +125,34 @@ def start_task(cfg: DictConfig) -> tuple[TrainerSettings, RunFolder, dict[str, A
     come back too (the task then returns them instead of running again)."""
     settings = setup(cfg)
     folder = open_folder(cfg)
-    folder.claim()
-    done = folder.finished_metrics()
+    writable = folder.claim()
+    done = folder.finished_metrics()  # refuses a folder of another config, writing nothing
+    if done is None and not writable:
+        raise InputError(
+            f"run folder {folder.dir} cannot be written to (read-only?): make it writable, or set "
+            "paths.output_dir to a folder that is"
+        )
     if done is not None:
         folder.close()
         log.info(f"{folder.dir} is finished: reusing its results")
-    return settings, folder, done
+        return settings, folder, done
+    folder.remove_orphans()
+    folder.start_log()
+    save_hydra_files(cfg, folder.dir)
+    return settings, folder, None
+
+
+def save_hydra_files(cfg: DictConfig, directory: Path) -> None:
+    """What Hydra writes into a job's .hydra/ (penrun turns that off so that nothing is
+    written before it holds the folder): the config, Hydra's own, the overrides."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    files = {
+        "config.yaml": cfg,
+        "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+        "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task)),
+    }
+    for name, content in files.items():
+        text = OmegaConf.to_yaml(content)
+        atomic_write(directory / ".hydra" / name, lambda path, text=text: path.write_text(text))

@@ -78,7 +78,7 @@ class NetConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = at_least(20, 1)
-    batch_size: int = at_least(64, 1)
+    batch_size: int = at_least(64, 2)  # batch norm cannot train on a batch of one
     eval_batch_size: int = at_least(1024, 1)
     lr: float = above(1e-3, 0.0)
     optimizer: str = choices("adam", OPTIMIZERS)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import itertools
-import json
 import re
 import sys
 import time
@@ -30,10 +29,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from penrun.app.config import run_config
 from penrun.app.errors import ConfigError
 from penrun.app.schema import RUNTIME_KEYS
+from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import load_checkpoint
 from penrun.train.files import save_json
-from penrun.train.run_folder import config_difference
+from penrun.train.run_folder import config_difference, read_metrics
 
 FAILED_FILE = "failed.json"
 STATUS_FILE = "sweep_status.json"
@@ -89,7 +89,7 @@ def check_launcher_plugins(argv: list[str]) -> None:
 def record_failure(folder: Path, err: BaseException) -> None:
     """failed.json in the job's folder: the error, its traceback, and how often it failed."""
     path = folder / FAILED_FILE
-    attempts = json.loads(path.read_text()).get("attempts", 0) if path.exists() else 0
+    attempts = (read_metrics(path) or {}).get("attempts", 0)
     save_json(
         path,
         {
@@ -107,14 +107,17 @@ def clear_failure(folder: Path) -> None:
 
 
 def job_state(folder: Path) -> tuple[str, str]:
-    """(state, description) of a job folder; state: complete, failed, interrupted or new."""
+    """(state, description) of a job folder; state: complete, failed, interrupted or new. An
+    unreadable metrics.json counts as interrupted: the job rebuilds it from last.pt."""
     metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics = read_metrics(metrics_path) or {}
     if metrics.get("status") == "complete":
         return "complete", "complete"
     if (folder / FAILED_FILE).exists():
-        failure = json.loads((folder / FAILED_FILE).read_text())
-        return "failed", f"failed: {failure['error']} (attempt {failure['attempts']})"
+        failure = read_metrics(folder / FAILED_FILE) or {"error": "failed.json unreadable", "attempts": "?"}
+        return "failed", f"failed: {failure.get('error')} (attempt {failure.get('attempts')})"
+    if metrics_path.exists() and not metrics:
+        return "interrupted", "metrics.json unreadable (rebuilt from last.pt when the job runs)"
     epochs = len(metrics.get("history", []))
     if epochs or (folder / "checkpoints" / "last.pt").exists():
         return "interrupted", f"interrupted after {epochs} epoch(s)"
@@ -123,9 +126,9 @@ def job_state(folder: Path) -> tuple[str, str]:
 
 def stored_config(folder: Path) -> dict[str, Any] | None:
     """The config a job folder's run was made with (metrics.json, else last.pt), if any."""
-    metrics_path = folder / "metrics.json"
-    if metrics_path.exists():
-        return json.loads(metrics_path.read_text()).get("config")
+    metrics = read_metrics(folder / "metrics.json")
+    if metrics is not None:
+        return metrics.get("config")
     last = folder / "checkpoints" / "last.pt"
     if last.exists():
         return load_checkpoint(last).get("config")
@@ -211,10 +214,10 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
             return  # other sweepers choose their jobs as they go
-        self.jobs = plan_jobs(config)
         try:
+            self.jobs = plan_jobs(config)
             check_same_configs(self.jobs)
-        except ConfigError as err:
+        except InputError as err:
             print(f"penrun: error: {err}", file=sys.stderr)
             sys.exit(2)
         print(describe_plan(config.hydra.sweep.dir, self.jobs))

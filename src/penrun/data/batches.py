@@ -3,6 +3,7 @@ of (seed, epoch) alone so that a resumed run sees the same ones."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -38,15 +39,22 @@ def epoch_batches(
     drop_last: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Index batches for one epoch; the order depends only on (seed, epoch), so a resumed
-    run sees the same batches as an uninterrupted one."""
+    run sees the same batches as an uninterrupted one. A last batch of one example joins the
+    batch before it (batch norm cannot train on a batch of one)."""
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     else:
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        yield order[start : start + batch_size]
+    bounds = [*range(0, stop, batch_size), stop]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    for start, end in itertools.pairwise(bounds):
+        yield order[start:end]
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+    if drop_last and n >= batch_size:
+        return n // batch_size
+    count = -(-n // batch_size)
+    return count - 1 if count > 1 and n % batch_size == 1 else count

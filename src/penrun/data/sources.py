@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from penrun.data.transforms import convert_images
 from penrun.errors import InputError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# The smallest image side every network takes (LeNet-5 needs 16: models/classifiers.py).
+MIN_IMAGE_SIZE = 4
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -173,8 +176,12 @@ def _read_source(
 
 
 def _read_npz(path: Path) -> Arrays:
-    if not path.exists():
-        raise InputError(f"path={str(path)!r} does not exist")
+    if not path.is_file():
+        raise InputError(f"path={str(path)!r} {'is a folder' if path.is_dir() else 'does not exist'}")
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"path={str(path)!r} is not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in NPZ_KEYS if k not in f.files]
@@ -204,6 +211,8 @@ def _to_image_data(
     for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
         if len(x) != len(y):
             raise InputError(f"{name}: {len(x)} {split} images but {len(y)} {split} labels")
+        if not len(y):
+            raise InputError(f"{name}: the {split} split is empty")
     num_classes = num_classes or int(max(y_tr.max(), y_te.max())) + 1
     for y, split in ((y_tr, "y_train"), (y_te, "y_test")):
         bad = y[(y < 0) | (y >= num_classes)]
@@ -211,13 +220,35 @@ def _to_image_data(
             raise InputError(
                 f"{name} {split} has label {int(bad[0])}: labels must lie in 0..{num_classes - 1}"
             )
+    _check_every_class(name, y_tr, num_classes)
     if x_tr.shape[2:] != x_te.shape[2:] and image_size is None:
         raise InputError(
             f"{name}: train images are {tuple(x_tr.shape[2:])} but test images "
             f"{tuple(x_te.shape[2:])}; set image_size to bring both to one size"
         )
-    data = ImageData(name, x_tr, y_tr, x_te, y_te, num_classes, source)
-    return convert_images(data, image_size, channels)
+    data = convert_images(ImageData(name, x_tr, y_tr, x_te, y_te, num_classes, source), image_size, channels)
+    height, width = data.x_train.shape[2:]
+    if height != width or height < MIN_IMAGE_SIZE:
+        raise InputError(
+            f"{name}: images are {height}x{width}; penrun needs square images of at least "
+            f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}: set image_size to resize them"
+        )
+    return data
+
+
+def _check_every_class(name: str, y: torch.Tensor, num_classes: int) -> None:
+    """Labels are 0..K-1 with every class in the training split: one stray label (99999 in a
+    ten-class file) must not make a 100000-class model."""
+    counts = torch.bincount(y, minlength=num_classes)
+    missing = int((counts == 0).sum())
+    if missing:
+        seen = torch.nonzero(counts).flatten().tolist()
+        shown = seen if len(seen) <= 20 else [*seen[:10], "...", *seen[-5:]]
+        raise InputError(
+            f"{name} y_train: labels must be 0..K-1 with every class in the training split, but "
+            f"{missing} of the {num_classes} classes up to the largest label have no training "
+            f"example; labels found: {shown}"
+        )
 
 
 def _images_to_nchw(x: np.ndarray, what: str) -> torch.Tensor:

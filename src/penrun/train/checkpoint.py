@@ -53,8 +53,15 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
         raise InputError(
             f"checkpoint {str(path)!r} holds no classifier: pass the last.pt or best.pt of a classifier training run"
         )
-    model = build_classifier(**ckpt["classifier"])
-    model.load_state_dict(ckpt["modules"]["model"])
+    try:
+        model = build_classifier(**ckpt["classifier"])
+        model.load_state_dict(ckpt["modules"]["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # an edited or foreign file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(
+            f"checkpoint {str(path)!r} is damaged: its classifier cannot be rebuilt from it ({reason}); "
+            "pass a last.pt or best.pt as penrun wrote it"
+        ) from err
     return model.eval(), ckpt
 
 

@@ -21,9 +21,10 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: a reader (or a
-    resumed run) sees the old file or the new one, never half of one. Under torchrun only
-    rank 0 writes: the other ranks hold the same results."""
+    """Write through a temporary file in the same folder, flush it to the disk, then rename:
+    a reader (or a resumed run) sees the old file or the new one, never half of one, even
+    after a power cut. Under torchrun only rank 0 writes: the other ranks hold the same
+    results."""
     if not distributed.is_main():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,10 +33,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def exclusive_lock(path: Path, wait: bool) -> IO | None:

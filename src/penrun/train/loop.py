@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from penrun.data import epoch_batches, normalize, num_batches
+from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import checkpoint_payload, restore_random_states
 from penrun.train.files import save_torch
@@ -56,7 +57,10 @@ def progress(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Ite
 
 
 def train_steps(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """Optimizer steps per epoch of `device_batches`."""
+    """Optimizer steps per epoch of `device_batches`; refuses a training set too small to
+    train on (batch norm needs two examples in a batch)."""
+    if n < 2:
+        raise InputError(f"the training set has {n} example(s): training needs at least 2")
     return num_batches(n, batch_size, drop_last or distributed.is_distributed())
 
 
@@ -95,7 +99,7 @@ def optimize_epoch(
 ) -> dict[str, float]:
     """One epoch of optimizer steps with a per-step learning-rate schedule; returns the mean
     of the loss and of every logged term as train_<name>, and the epoch's wall time."""
-    start, sums = time.perf_counter(), {}
+    start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
     bar = progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress)
     for step, (x, y) in enumerate(bar):
         position = (epoch - 1 + step / steps) / settings.max_epochs
@@ -104,9 +108,39 @@ def optimize_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        watch.update(loss, step)
         for name, value in {"loss": loss.detach(), **logs}.items():
             sums[name] = sums.get(name, 0.0) + value
+    watch.check(epoch)
     return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(
+            f"the training loss became NaN or infinite at epoch {epoch}, step {step}; the run stopped "
+            "there (a smaller learning rate, temperature or loss weight usually helps)"
+        )
+
+
+class NonFiniteWatch:
+    """The first step of an epoch whose loss is not finite, found without waiting for the
+    device at every step (one check at the end of the epoch)."""
+
+    NONE = 2**62
+
+    def __init__(self) -> None:
+        self.first: torch.Tensor | None = None
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        candidate = torch.where(torch.isfinite(loss.detach()), self.NONE, step)
+        self.first = candidate if self.first is None else torch.minimum(self.first, candidate)
+
+    def check(self, epoch: int) -> None:
+        if self.first is not None and (step := int(self.first)) < self.NONE:
+            raise TrainingDiverged(epoch, step + 1)
 
 
 def epoch_means(sums: dict[str, torch.Tensor | float], steps: int) -> dict[str, float]:
@@ -174,7 +208,12 @@ def train_epochs(
             log.info(f"resuming {folder.dir} from epoch {ckpt['epoch']}")
     best = max((row[monitor] for row in history), default=-math.inf)
     for epoch in range(start, max_epochs + 1):
-        row = {"epoch": epoch, **train_epoch(epoch), **evaluate(epoch)}
+        try:
+            trained = train_epoch(epoch)
+        except TrainingDiverged as err:
+            folder.write_metrics({"history": history, "error": str(err)}, status="diverged")
+            raise
+        row = {"epoch": epoch, **trained, **evaluate(epoch)}
         history.append(row)
         log.info(describe_epoch(row, max_epochs))
         folder.log_scalars(row, epoch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import load_checkpoint
 from penrun.train.files import exclusive_lock, save_json
+
+log = logging.getLogger(__name__)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -32,6 +35,10 @@ def config_difference(old: dict, new: dict) -> list[str]:
     ]
 
 
+class FolderRefused(InputError):
+    """The folder holds another run (in use, or of a different config): nothing was written."""
+
+
 class RunFolder:
     """A run folder: metrics.json, checkpoints/, tensorboard/. Knows whether the run is
     finished (reuse it), interrupted (resume from last.pt) or new."""
@@ -45,25 +52,36 @@ class RunFolder:
         self.best_path = self.dir / "checkpoints" / "best.pt"
         self._writer = None
         self._lock: IO | None = None
+        self._log: logging.Handler | None = None
 
-    def claim(self) -> None:
+    def claim(self) -> bool:
         """Hold the folder for this process (rank 0 under torchrun) until `close`: a second
         penrun on the same folder, such as the same sweep launched twice, stops here instead
-        of writing over a run in progress."""
+        of writing over a run in progress. False when the folder cannot be written to (a
+        finished run can still be read from it)."""
         if not distributed.is_main():
-            return
-        self._lock = exclusive_lock(self.dir / ".lock", wait=False)
+            return True
+        try:
+            self._lock = exclusive_lock(self.dir / ".lock", wait=False)
+        except PermissionError:
+            return False
         if self._lock is None:
-            raise InputError(
+            raise FolderRefused(
                 f"run folder {self.dir} is in use by another penrun process; wait for it to end "
                 "(launching the same command again then resumes or reuses the run)"
             )
+        return True
 
     def finished_metrics(self) -> dict[str, Any] | None:
-        """The metrics of a finished run of the same config, else None."""
-        if not self.metrics_path.exists():
+        """The metrics of a finished run of the same config, else None. An unreadable
+        metrics.json (truncated, edited) is rebuilt: the run resumes from last.pt, whose
+        history holds every epoch's numbers, or starts afresh when there is none."""
+        metrics = read_metrics(self.metrics_path)
+        if metrics is None:
+            if self.metrics_path.exists():
+                log.warning(f"{self.metrics_path} is unreadable: rebuilding it from last.pt")
+            self.load_last()  # a folder of another config is refused before anything is written
             return None
-        metrics = json.loads(self.metrics_path.read_text())
         self.check_same_config(metrics.get("config"), self.metrics_path)
         return metrics if metrics.get("status") == "complete" else None
 
@@ -72,7 +90,7 @@ class RunFolder:
             return
         diff = config_difference(old, self.config)
         if diff:
-            raise InputError(
+            raise FolderRefused(
                 f"run folder {self.dir} holds a run of a different config ({where.name} differs in "
                 f"{'; '.join(diff[:5])}); use another folder or move the old one aside"
             )
@@ -104,13 +122,41 @@ class RunFolder:
     def write_metrics(self, metrics: dict[str, Any], status: str) -> None:
         save_json(self.metrics_path, {**metrics, "status": status, "config": self.config})
 
+    def start_log(self) -> None:
+        """Copy what the process logs into the folder's penrun.log, with times (rank 0)."""
+        if not distributed.is_main():
+            return
+        self._log = logging.FileHandler(self.dir / "penrun.log")
+        self._log.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+        logging.getLogger().addHandler(self._log)
+
+    def remove_orphans(self) -> None:
+        """Temporary files that a killed atomic write left behind (only the holder of the
+        folder calls this, so none of them is being written)."""
+        for pattern in (".*.tmp", "*/.*.tmp"):
+            for orphan in self.dir.glob(pattern):
+                orphan.unlink(missing_ok=True)
+
     def close(self) -> None:
+        if self._log is not None:
+            logging.getLogger().removeHandler(self._log)
+            self._log.close()
+            self._log = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """A metrics.json as a dict; None when it is missing or unreadable."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 class _NoWriter:

@@ -34,6 +34,7 @@ from penrun.models import Classifier
 from penrun.train.files import save_image_grid
 from penrun.train.loop import TrainerSettings, accuracy, predict, train_epochs
 from penrun.train.run_folder import RunFolder
+from penrun.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,13 @@ def run_generation(
         log.info(summary(done))
         return done
     check_options(cfg)
-    s = prepare(cfg, settings)
-    model = build(cfg, s)
-    g, k = cfg.gen, s.data.num_classes
-    labels = balanced_labels(k, g.eval_per_class)
+    setup = prepare(cfg, settings)
+    # The networks start from the seed alone, whether a teacher or evaluator was just trained
+    # (which draws from the global random state) or loaded from the cache.
+    seed_everything(cfg.seed)
+    model = build(cfg, setup)
+    options, k = cfg.gen, setup.data.num_classes
+    labels = balanced_labels(k, options.eval_per_class)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         for module in model.modules.values():
@@ -150,10 +154,10 @@ def run_generation(
         return model.train_epoch(epoch)
 
     def evaluate_full(seed: int) -> dict[str, Any]:
-        fake = sample_images(model, s, labels, seed)
+        fake = sample_images(model, setup, labels, seed)
         batch, device = settings.eval_batch_size, settings.device
-        features, logits = predict(s.evaluator, fake, batch, device)
-        return generation_metrics(features, logits, labels, s.real_features, k, seed)
+        features, logits = predict(setup.evaluator, fake, batch, device)
+        return generation_metrics(features, logits, labels, setup.real_features, k, seed)
 
     def evaluate(epoch: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -168,18 +172,18 @@ def run_generation(
         train_epoch=train_epoch,
         evaluate=evaluate,
         monitor="cond_acc",
-        extra={"cond": g.cond, "cond_dim": s.sampler.dim},
+        extra={"cond": options.cond, "cond_dim": setup.sampler.dim},
     )
     metrics = {
         "task": cfg.task.name,
-        "cond": g.cond,
+        "cond": options.cond,
         **evaluate_full(cfg.seed),
-        "samples_per_class": g.eval_per_class,
-        **s.info,
+        "samples_per_class": options.eval_per_class,
+        **setup.info,
         "epoch_time": sum(row["epoch_time"] for row in history) / len(history),
         "history": history,
     }
-    write_samples(folder, model, s, g.grid_per_class, cfg.seed + 1)
+    write_samples(folder, model, setup, options.grid_per_class, cfg.seed + 1)
     folder.write_metrics(metrics, status="complete")
     folder.close()
     log.info(f"{summary(metrics)} -> {folder.dir}")

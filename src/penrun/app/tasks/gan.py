@@ -17,7 +17,7 @@ from penrun.app.tasks.conditional_generation import GenerationSetup, Generative,
 from penrun.models import Classifier
 from penrun.models.generative import Generator, ProjectionDiscriminator, hinge_d_loss, hinge_g_loss
 from penrun.train import distributed
-from penrun.train.loop import device_batches, epoch_means, progress, train_steps
+from penrun.train.loop import NonFiniteWatch, device_batches, epoch_means, progress, train_steps
 from penrun.train.optim import lr_factor, set_lr
 
 
@@ -87,7 +87,7 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
         return logs
 
     def train_epoch(epoch: int) -> dict[str, float]:
-        start, sums = time.perf_counter(), {}
+        start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
         batches = device_batches(
             data.x_train,
             s.conditions,
@@ -103,8 +103,11 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
             position = (epoch - 1 + i / steps) / settings.max_epochs
             for opt in opts.values():
                 set_lr(opt, settings.lr * lr_factor(settings.schedule, position))
-            for name, value in step(x, c).items():
+            logs = step(x, c)
+            watch.update(logs["d_loss"] + logs["g_loss"], i)
+            for name, value in logs.items():
                 sums[name] = sums.get(name, 0.0) + value
+        watch.check(epoch)
         return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
 
     return Generative({"generator": gen, "discriminator": disc}, opts, train_epoch, gen, z_dim)
