@@ -20,7 +20,7 @@ from penrun.app import (
     schema,  # noqa: F401 (registers the config schema before Hydra composes)
     sweeps,
 )
-from penrun.app.config import job_folder
+from penrun.app.config import close_folders, job_folder
 from penrun.app.tasks import get_task
 from penrun.errors import InputError
 from penrun.train import distributed
@@ -70,6 +70,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     else:
         sweeps.clear_failure(folder)
     finally:
+        close_folders()
         distributed.shutdown()
 
 

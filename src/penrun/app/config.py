@@ -120,11 +120,22 @@ def open_folder(cfg: DictConfig, directory: Path | None = None) -> RunFolder:
     return RunFolder(directory or job_folder(), run_config(cfg), progress=bool(cfg.trainer.progress))
 
 
+# The folders this process opened for its current job: the entry point closes them when the
+# job ends, however it ends (a sweep runs its jobs one after another in one process).
+_open_folders: list[RunFolder] = []
+
+
+def close_folders() -> None:
+    while _open_folders:
+        _open_folders.pop().close()
+
+
 def start_task(cfg: DictConfig) -> tuple[TrainerSettings, RunFolder, dict[str, Any] | None]:
     """Validate, seed, open the run folder; the metrics of a finished run of this config
     come back too (the task then returns them instead of running again)."""
     settings = setup(cfg)
     folder = open_folder(cfg)
+    _open_folders.append(folder)
     writable = folder.claim()
     done = folder.finished_metrics()  # refuses a folder of another config, writing nothing
     if done is None and not writable:
@@ -132,11 +143,12 @@ def start_task(cfg: DictConfig) -> tuple[TrainerSettings, RunFolder, dict[str, A
             f"run folder {folder.dir} cannot be written to (read-only?): make it writable, or set "
             "paths.output_dir to a folder that is"
         )
+    if writable:
+        folder.remove_orphans()
     if done is not None:
         folder.close()
         log.info(f"{folder.dir} is finished: reusing its results")
         return settings, folder, done
-    folder.remove_orphans()
     folder.start_log()
     save_hydra_files(cfg, folder.dir)
     return settings, folder, None

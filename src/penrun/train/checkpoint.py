@@ -31,6 +31,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a refusal: the bytes are damaged
+            raise InputError(
+                f"checkpoint {str(path)!r} is corrupt or unreadable: move it aside to start its run afresh"
+            ) from err
         raise InputError(
             f"refusing to load checkpoint {str(path)!r}: it holds objects other than tensors and plain "
             "containers, and loading them could run code from the file. penrun's own checkpoints "
