@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from penrun.app import (
     schema,  # noqa: F401 (registers the config schema before Hydra composes)
@@ -37,10 +36,15 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"penrun's configs/ not found next to {here}: reinstall penrun")
 
 
+# Jobs this process has started: an exception before the first comes from composing the config.
+jobs_started: list[str] = []
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     """One job. In a sweep a failure is recorded in the job's folder (failed.json) and the
     sweep goes on; a single run stops with the error."""
+    jobs_started.append(cfg.task.name)
     folder = job_folder()
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -55,7 +59,9 @@ def _hydra_main(cfg: DictConfig) -> None:
             print(f"penrun: job {folder} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return
         if isinstance(err, InputError):
-            remove_if_empty(folder)
+            close_folders()
+            if not isinstance(err, FolderRefused):  # the folder is another run's: never touched
+                discard_unstarted(folder)
             fail(str(err))
         sweeps.record_failure(folder, err)
         if isinstance(err, TrainingDiverged):
@@ -75,6 +81,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    jobs_started.clear()
     try:
         sweeps.check_launcher_plugins(sys.argv[1:])
     except InputError as err:
@@ -88,7 +95,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
-    except (ConfigCompositionException, OmegaConfBaseException, OverrideParseException) as err:
+    except Exception as err:
+        if jobs_started:  # an error of penrun's own, after composition: a bug to report
+            raise
         fail(composition_error(err))
     if sweeps.failed_jobs:
         sys.exit(1)
@@ -103,19 +112,24 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
-def remove_if_empty(folder: Path) -> None:
-    """A run folder that Hydra made for a command refused before it wrote anything."""
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+def discard_unstarted(folder: Path) -> None:
+    """The folder of a single run refused before it computed anything: Hydra made it, and
+    penrun may have written only its start files there."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", ".lock", "penrun.log"}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def composition_error(err: Exception) -> str:
     """One line from Hydra's and OmegaConf's errors: the key, the value and what is valid."""
-    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
-    if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+    cause = err if getattr(err, "full_key", None) else err.__cause__
+    if getattr(cause, "full_key", None) and getattr(cause, "msg", None):
         reason = cause.msg.splitlines()[0]
         if cause.value is not None:
             return f"{cause.full_key}={cause.value!r} is invalid: {reason}"
         return f"{cause.full_key}: {reason}"
+    text = " ".join(str(err).split())
+    node = re.search(r"full_key: (\S+) .*object_type=NoneType", text)
+    if node:  # a node of another task (null here) given a value
+        return f"{node.group(1)} cannot be set here: the chosen task does not use it"
     # Hydra's "Could not find 'net/nope'" lists the options, then its search path: keep the options.
-    return " ".join(str(err).split()).split(" Config search path")[0]
+    return text.split(" Config search path")[0]

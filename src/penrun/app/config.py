@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,7 @@ def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
 
 
 def setup(cfg: DictConfig) -> TrainerSettings:
-    """Check the config's values, join torchrun's process group if there is one, then seed and set
-    threads: the first thing every task does."""
-    check_values(cfg)
+    """Join torchrun's process group if there is one, then seed and set threads."""
     settings = trainer_settings(cfg)
     distributed.init(settings.device)
     set_threads(settings.num_threads)
@@ -130,9 +129,15 @@ def close_folders() -> None:
         _open_folders.pop().close()
 
 
-def start_task(cfg: DictConfig) -> tuple[TrainerSettings, RunFolder, dict[str, Any] | None]:
-    """Validate, seed, open the run folder; the metrics of a finished run of this config
-    come back too (the task then returns them instead of running again)."""
+def start_task(
+    cfg: DictConfig, check: Callable[[DictConfig], None] | None = None
+) -> tuple[TrainerSettings, RunFolder, dict[str, Any] | None]:
+    """Check the config (the schema's values, then the task's own `check`), seed, open the
+    run folder; the metrics of a finished run of this config come back too (the task then
+    returns them instead of running again)."""
+    check_values(cfg)
+    if check is not None:
+        check(cfg)
     settings = setup(cfg)
     folder = open_folder(cfg)
     _open_folders.append(folder)

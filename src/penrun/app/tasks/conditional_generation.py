@@ -135,11 +135,10 @@ def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
 def run_generation(
     cfg: DictConfig, build: Callable[[DictConfig, GenerationSetup], Generative]
 ) -> dict[str, Any]:
-    settings, folder, done = start_task(cfg)
+    settings, folder, done = start_task(cfg, check=check_options)
     if done is not None:
         log.info(summary(done))
         return done
-    check_options(cfg)
     setup = prepare(cfg, settings)
     # The networks start from the seed alone, whether a teacher or evaluator was just trained
     # (which draws from the global random state) or loaded from the cache.

@@ -48,17 +48,13 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    settings, folder, done = start_task(cfg)
+    settings, folder, done = start_task(cfg, check=check_options)
     if done is not None:
         log.info(summary(done))
         return done
     options = cfg.distill
     weights = loss_weights(options)
     labels = labels_option(options.labels)
-    if labels is None and weights["ce"] > 0:
-        raise ConfigError(
-            "distill.losses.ce > 0 needs labels, but distill.labels=none; set distill.labels=all or N, or ce=0"
-        )
     source = load_data(cfg)
     transfer = transfer_data(cfg, source)
     student_spec = classifier_spec(cfg, "student", source)
@@ -119,6 +115,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- checks before training
+def check_options(cfg: DictConfig) -> None:
+    """What the schema cannot say of the distill options, before the run folder is opened."""
+    weights = loss_weights(cfg.distill)
+    if labels_option(cfg.distill.labels) is None and weights["ce"] > 0:
+        raise ConfigError(
+            "distill.losses.ce > 0 needs labels, but distill.labels=none; set distill.labels=all or N, or ce=0"
+        )
+
+
 def loss_weights(options: DictConfig) -> dict[str, float]:
     """Every term's weight (the schema checked each one)."""
     weights = {name: float(options.losses[name]) for name in LOSSES}
