@@ -1,7 +1,8 @@
 """Property-based fuzzing of the command line (Hypothesis): random overrides drawn from the
 config tree's own keys, with values of every kind, either run a tiny job to a complete, finite
 metrics.json or stop with one `penrun: error:` line (exit 2), no traceback and no partial run
-folder. The default budget is small; `pytest -m slow tests/test_fuzz.py` tries many more."""
+folder; valid settings whose training diverges stop with one line (exit 1) and status
+`diverged`. The default budget is small; `pytest -m slow tests/test_fuzz.py` tries many more."""
 
 from __future__ import annotations
 
@@ -100,6 +101,13 @@ def check_outcome(args: list[str], capsys: pytest.CaptureFixture) -> None:
             (run,) = runs
             metrics = json.loads((run / "metrics.json").read_text())
             assert metrics["status"] == "complete" and finite(metrics), args
+        elif code == 1:  # valid settings whose training diverged: stopped and said so
+            assert err.strip() == err.strip().splitlines()[0] and "training loss became NaN" in err, (
+                args,
+                err,
+            )
+            (run,) = runs
+            assert json.loads((run / "metrics.json").read_text())["status"] == "diverged", args
         else:
             assert code == 2, (args, err)
             lines = err.strip().splitlines()

@@ -33,12 +33,15 @@ def choices(default: Any, valid: tuple) -> Any:
     return field(default=default, metadata={"choices": tuple(valid)})
 
 
-def at_least(default: Any, low: float, runtime: bool = False) -> Any:
-    return field(default=default, metadata={"low": low, "runtime": runtime})
+def at_least(default: Any, low: float, high: float = math.inf, runtime: bool = False) -> Any:
+    return field(default=default, metadata={"low": low, "high": high, "runtime": runtime})
 
 
-def above(default: Any, low: float) -> Any:
-    return field(default=default, metadata={"low": low, "strict": True})
+def above(default: Any, low: float, high: float = math.inf) -> Any:
+    return field(default=default, metadata={"low": low, "high": high, "strict": True})
+
+
+SEED_MAX = 2**32 - 1
 
 
 def runtime(default: Any) -> Any:
@@ -52,7 +55,7 @@ class DataConfig:
     name: str = choices("digits", (*DATASETS, "npz"))
     path: str | None = None  # the .npz file of name=npz
     download: bool = True
-    image_size: int | None = at_least(None, 4)
+    image_size: int | None = at_least(None, 4, high=1024)
     channels: int | None = choices(None, (None, 1, 3))
     limit_train: int | None = at_least(None, 1)
     limit_test: int | None = at_least(None, 1)
@@ -61,76 +64,76 @@ class DataConfig:
 @dataclass
 class TransferConfig(DataConfig):
     shift: str = choices("none", ("none", *SHIFTS))
-    shift_strength: float = above(1.0, 0.0)
+    shift_strength: float = above(1.0, 0.0, high=360.0)
 
 
 @dataclass
 class NetConfig:
     arch: str = choices("mlp", tuple(ARCHITECTURES))
-    width: float = above(1.0, 0.0)
-    penultimate_dim: int = at_least(64, 2)
+    width: float = above(1.0, 0.0, high=64.0)
+    penultimate_dim: int = at_least(64, 2, high=8192)
     head: str = choices("cosine", HEADS)
-    scale: float = above(16.0, 0.0)
+    scale: float = above(16.0, 0.0, high=1e4)
     bias: bool = False
     feature_relu: bool = False
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = at_least(20, 1)
-    batch_size: int = at_least(64, 2)  # batch norm cannot train on a batch of one
-    eval_batch_size: int = at_least(1024, 1)
-    lr: float = above(1e-3, 0.0)
+    max_epochs: int = at_least(20, 1, high=10**6)
+    batch_size: int = at_least(64, 2, high=10**6)  # batch norm cannot train on a batch of one
+    eval_batch_size: int = at_least(1024, 1, high=10**6)
+    lr: float = above(1e-3, 0.0, high=10.0)
     optimizer: str = choices("adam", OPTIMIZERS)
-    weight_decay: float = at_least(5e-4, 0.0)
+    weight_decay: float = at_least(5e-4, 0.0, high=1.0)
     schedule: str = choices("cosine", SCHEDULES)
     device: str = runtime("auto")
-    num_threads: int | None = at_least(None, 1, runtime=True)
+    num_threads: int | None = at_least(None, 1, high=1024, runtime=True)
     progress: bool = runtime(True)
 
 
 @dataclass
 class VmfConfig:
     kappa: str = choices("weights", KAPPA_OPTIONS)
-    kappa_scale: float = at_least(1.0, 0.0)
+    kappa_scale: float = at_least(1.0, 0.0, high=1e4)
     radius: str = choices("fixed", RADIUS_OPTIONS)
 
 
 LossWeights = dataclasses.make_dataclass(
-    "LossWeights", [(name, float, at_least(0.0, 0.0)) for name in LOSSES]
+    "LossWeights", [(name, float, at_least(0.0, 0.0, high=1e3)) for name in LOSSES]
 )
 
 
 @dataclass
 class DistillConfig:
     labels: Any = "none"  # none | all | N labelled examples per class
-    tau: float = above(4.0, 0.0)
+    tau: float = above(4.0, 0.0, high=1e3)
     losses: LossWeights = field(default_factory=LossWeights)  # every term's weight (0: off)
-    dirichlet_beta: float = above(1.0, 0.0)
+    dirichlet_beta: float = above(1.0, 0.0, high=1e6)
 
 
 @dataclass
 class FitConfig:
-    samples_per_class: int = at_least(1000, 2)
+    samples_per_class: int = at_least(1000, 2, high=10**6)
 
 
 @dataclass
 class GenConfig:
     cond: str = choices("penultimate", CONDITIONS)
-    z_dim: int = at_least(32, 1)
-    width: int = at_least(32, 1)
-    eval_per_class: int = at_least(100, 2)
-    grid_per_class: int = at_least(10, 1)
+    z_dim: int = at_least(32, 1, high=4096)
+    width: int = at_least(32, 1, high=1024)
+    eval_per_class: int = at_least(100, 2, high=10**5)
+    grid_per_class: int = at_least(10, 1, high=100)
 
 
 @dataclass
 class VaeConfig:
-    kl_warmup_epochs: int = at_least(0, 0)
+    kl_warmup_epochs: int = at_least(0, 0, high=10**6)
 
 
 @dataclass
 class GanConfig:
-    consistency: float = at_least(0.0, 0.0)
+    consistency: float = at_least(0.0, 0.0, high=1e3)
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
 
 
@@ -157,14 +160,14 @@ class TaskConfig:
 @dataclass
 class PenrunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
-    seed: int = at_least(0, 0)
+    seed: int = at_least(0, 0, high=SEED_MAX)
     experiment_name: str = "${task.name}"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: NetConfig = field(default_factory=NetConfig)
     student: NetConfig = field(default_factory=NetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     teacher_trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    teacher_seed: int = at_least(0, 0)
+    teacher_seed: int = at_least(0, 0, high=SEED_MAX)
     teacher_ckpt: str | None = None
     vmf: VmfConfig = field(default_factory=VmfConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -178,7 +181,7 @@ class PenrunConfig:
     evaluator: NetConfig | None = None
     evaluator_trainer: TrainerConfig | None = None
     evaluator_ckpt: str | None = None
-    evaluator_seed: int | None = at_least(None, 0)
+    evaluator_seed: int | None = at_least(None, 0, high=SEED_MAX)
     report: ReportConfig | None = None
     sweep_dir: str | None = None
     epochs_by_data: dict[str, int] | None = None
@@ -253,8 +256,9 @@ def check_values(cfg: DictConfig) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} is invalid: use a finite number")
         if "low" in mark:
-            low, strict = mark["low"], mark.get("strict", False)
-            if value < low or (strict and value == low):
+            low, high, strict = mark["low"], mark["high"], mark.get("strict", False)
+            if value < low or (strict and value == low) or value > high:
                 bound = f"> {low:g}" if strict else f">= {low:g}"
+                bound += f" and <= {high:g}" if math.isfinite(high) else ""
                 kind = "an integer" if isinstance(value, int) else "a number"
                 raise ConfigError(f"{key}={value!r} is invalid: use {kind} {bound}")
