@@ -18,10 +18,10 @@ import time
 
 import torch
 
+from penrun.core.losses import LOSSES, DistillBatch, DistillSetup, class_similarity, total_loss
+from penrun.core.penultimate import PenultimateModel
 from penrun.data import load_dataset, normalize
-from penrun.distill import LOSSES, DistillBatch, DistillSetup, class_similarity, total_loss
 from penrun.models import build_classifier
-from penrun.penultimate import PenultimateModel
 
 from machine import describe_machine
 

@@ -20,19 +20,17 @@ from dataclasses import replace
 import torch
 from hydra import compose, initialize_config_dir
 
+from penrun.app.cli import config_dir
+from penrun.app.config import trainer_settings
+from penrun.app.tasks import gan, vae
+from penrun.app.tasks.conditional_generation import GenerationSetup, sample_images, training_conditions
+from penrun.core.conditions import ConditionSampler, balanced_labels
+from penrun.core.metrics import generation_metrics
+from penrun.core.penultimate import PenultimateModel
 from penrun.data import load_dataset
-from penrun.engine import predict, seed_everything
-from penrun.generation import (
-    ConditionSampler,
-    balanced_labels,
-    generation_metrics,
-    training_conditions,
-)
 from penrun.models import build_classifier
-from penrun.penultimate import PenultimateModel
-from penrun.tasks import gan, vae
-from penrun.tasks.common import trainer_settings
-from penrun.tasks.generation import GenerationSetup, sample_images
+from penrun.train.loop import predict
+from penrun.train.seeding import seed_everything
 
 from machine import describe_machine
 
@@ -45,9 +43,13 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def config(task: str, overrides: list[str]):
-    from penrun.cli import config_dir
+def evaluate(evaluator, fake, labels, real, eval_batch, device) -> dict:
+    """The per-epoch evaluation of the generation tasks: evaluator outputs, then the metrics."""
+    features, logits = predict(evaluator, fake, eval_batch, device)
+    return generation_metrics(features, logits, labels, real, 10)
 
+
+def config(task: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=[f"task={task}", *overrides])
 
@@ -84,7 +86,7 @@ def main() -> None:
     teacher.to(device)
     evaluator = build_classifier("resnet8", **CLASSIFIER).eval().to(device)
 
-    conds, t_conds = timed(training_conditions, data.y_train, 10, teacher, data.x_train, eval_batch, device)
+    conds, t_conds = timed(training_conditions, data, teacher, eval_batch, device)
     real, _ = predict(evaluator, data.x_test, eval_batch, device)
     labels = balanced_labels(10, 100)
     gen = torch.Generator().manual_seed(0)
@@ -109,7 +111,7 @@ def main() -> None:
             0,
             conds[: len(part.y_train)]
             if cond == "penultimate"
-            else training_conditions(part.y_train, 10, None, None, eval_batch, device),
+            else training_conditions(part, None, eval_batch, device),
             sampler if cond == "penultimate" else ConditionSampler(10),
             teacher.requires_grad_(False),
             evaluator,
@@ -120,7 +122,7 @@ def main() -> None:
         row = model.train_epoch(1)
         per_step = row["epoch_time"] / args.steps
         fake, t_gen = timed(sample_images, model, s, labels, 0)
-        _, t_metrics = timed(generation_metrics, evaluator, fake, labels, real, 10, eval_batch, device)
+        _, t_metrics = timed(evaluate, evaluator, fake, labels, real, eval_batch, device)
         many = balanced_labels(10, 1000)
         _, t_many = timed(sample_images, model, s, many, 0)
         name = cond + (" + consistency" if extra else "")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from penrun.vmf import sample_vmf
+from penrun.core.vmf import sample_vmf
 
 from machine import describe_machine
 

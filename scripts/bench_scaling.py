@@ -44,7 +44,7 @@ def bench_ddp(procs: list[int], device: str, cores: int) -> None:
             args = [
                 "task=train_teacher",
                 "data=mnist",
-                "teacher=lenet5",
+                "net@teacher=lenet5",
                 "trainer.max_epochs=1",
                 "trainer.progress=false",
                 f"trainer.device={device}",
@@ -84,7 +84,7 @@ def bench_sweep(jobs: int, cores: int) -> None:
         "-m",
         "task=train_teacher",
         "data=mnist",
-        "teacher=lenet5",
+        "net@teacher=lenet5",
         "trainer.max_epochs=1",
         "trainer.progress=false",
         f"seed={seeds}",

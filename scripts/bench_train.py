@@ -13,6 +13,7 @@ every epoch; the one-off activation statistics after training are timed separate
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -21,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from penrun.data import load_dataset, normalize, subset
-from penrun.engine import Run, TrainerSettings, seed_everything
 from penrun.models import build_classifier
-from penrun.tasks.train_teacher import fit_classifier, record_statistics
+from penrun.train.classifier import fit_classifier, record_statistics
+from penrun.train.loop import TrainerSettings
+from penrun.train.run_folder import RunFolder
+from penrun.train.seeding import seed_everything
 
 from machine import describe_machine
 
@@ -54,7 +57,7 @@ def bare_loop(spec: dict, data, settings: TrainerSettings, epochs: int, seed: in
 
 def penrun_loop(spec: dict, data, settings: TrainerSettings, seed: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(tmp, {"bench": True}, progress=False)
+        run = RunFolder(tmp, {"bench": True}, progress=False)
         start = time.perf_counter()
         model, history = fit_classifier(run, spec, data, settings, seed)
         train_time = time.perf_counter() - start
@@ -78,8 +81,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    import os
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data, data_dir=args.data_dir or os.environ.get("PENRUN_DATA_DIR"))

@@ -27,6 +27,36 @@ def data_dir() -> Path:
     return SHARED_DATA
 
 
+# The teachers tests share (trained once per session, in this process): an mlp on digits with
+# the default cosine head, and one with a linear head (whose checkpoint records the per-class
+# activation statistics a linear head needs). Four epochs: test accuracy above 0.9.
+TEACHER_EPOCHS = 4
+
+
+class Teachers:
+    """teachers["cosine"] or teachers["linear"]: the last.pt of a train_teacher run on digits
+    (mlp, seed 0), trained on first use. Read-only: a test that changes one copies it first."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.paths: dict[str, Path] = {}
+
+    def __getitem__(self, head: str) -> Path:
+        if head not in self.paths:
+            metrics = run_task(
+                ["task=train_teacher", f"teacher.head={head}", f"trainer.max_epochs={TEACHER_EPOCHS}"],
+                self.root / head,
+            )
+            assert metrics["test_acc"] > 0.9, metrics["test_acc"]
+            self.paths[head] = Path(metrics["checkpoint"])
+        return self.paths[head]
+
+
+@pytest.fixture(scope="session")
+def digits_teachers(tmp_path_factory: pytest.TempPathFactory) -> Teachers:
+    return Teachers(tmp_path_factory.mktemp("digits-teachers"))
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
@@ -47,23 +77,69 @@ def run_task(overrides: list[str], run_dir: Path, data_dir: Path | None = None) 
         os.chdir(cwd)
 
 
+def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `python -m penrun ARGS` in a subprocess, as a user would run it; `finish` waits.
+    Independent commands started together share the two cores (a start-up is single-threaded)."""
+    flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    return start_python(["-m", "penrun", *flags, *QUICK, *overrides], cwd, env)
+
+
+def start_python(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    proc.description = " ".join(args)  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    """Wait for a started command; with check, a non-zero exit is an AssertionError."""
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{proc.description} failed ({proc.returncode}):\n{stdout}\n{stderr}")
+    return done
+
+
+def run_main(args: list[str], cwd: Path, capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """`penrun ARGS` in this process: penrun.app.cli.main, the console script's entry point, with
+    sys.argv and the cwd set for it; its exit status, stdout and stderr. For commands whose
+    subject is not a fresh interpreter (a process of its own costs seconds of imports)."""
+    from penrun.app.cli import main
+
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    argv, here = sys.argv, Path.cwd()
+    sys.argv = ["penrun", *flags, *QUICK, *overrides]
+    os.chdir(cwd)
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["penrun", *args], code, out.out, out.err)
+
+
 def run_cli(
     args: list[str], cwd: Path, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """`python -m penrun ARGS` in a subprocess, as a user would run it."""
-    flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "penrun", *flags, *QUICK, *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"penrun {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return finish(start_cli(args, cwd, env), check)
 
 
 KILLER = """

@@ -147,7 +147,7 @@ def test_bad_sizes_name_config_keys(tmp_path: Path) -> None:
     # The schema refuses a value outside its choices when the task starts...
     with pytest.raises(ConfigError, match=r"^data.channels=2 is invalid; valid: null, 1, 3$"):
         run_task(["task=train_teacher", "data.channels=2"], tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"^transfer.image_size=3 is invalid: use an integer >= 4$"):
+    with pytest.raises(ConfigError, match=r"^transfer.image_size=3 is invalid: use an integer >= 4"):
         run_task(["transfer.image_size=3"], tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
     # ...and load_data turns the library's argument names into the node's keys.

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from penrun.distill import (
+from penrun.app.errors import ConfigError
+from penrun.core.losses import (
     LOSSES,
     class_similarity,
     dirichlet_targets,
@@ -18,11 +19,10 @@ from penrun.distill import (
     soft_cross_entropy,
     synthetic_soft_targets,
 )
-from penrun.errors import ConfigError
+from penrun.core.penultimate import PenultimateModel
 from penrun.models import build_classifier
-from penrun.penultimate import PenultimateModel
 
-from conftest import run_task
+from conftest import Teachers, run_main, run_task
 
 QUICK_DISTILL = [
     "task=distill",
@@ -30,6 +30,12 @@ QUICK_DISTILL = [
     "teacher_trainer.max_epochs=3",
     "teacher_trainer.progress=false",
 ]
+
+
+@pytest.fixture
+def digits_teacher(digits_teachers: Teachers) -> str:
+    """The shared digits teacher (conftest: mlp, cosine head, 4 epochs), as an override."""
+    return f"teacher_ckpt={digits_teachers['cosine']}"
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +85,11 @@ def test_soft_cross_entropy_is_tau_squared_kl() -> None:
     assert soft_cross_entropy(logits, targets, 2.0).item() == pytest.approx(4 * kl.item(), rel=1e-12)
 
 
-def test_unlabeled_protocol_on_shifted_digits(tmp_path: Path) -> None:
+def test_unlabeled_protocol_on_shifted_digits(tmp_path: Path, digits_teacher: str) -> None:
     metrics = run_task(
         [
             *QUICK_DISTILL,
+            digits_teacher,
             "transfer.shift=rotate",
             "transfer.shift_strength=20",
             f"paths.output_dir={tmp_path}",
@@ -100,10 +107,10 @@ def test_unlabeled_protocol_on_shifted_digits(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["ce_synthetic_targets", "ce_dirichlet", "ce_smooth", "kd_feature"])
-def test_labelled_protocol_each_method_runs(tmp_path: Path, method: str) -> None:
+def test_labelled_protocol_each_method_runs(tmp_path: Path, method: str, digits_teacher: str) -> None:
     labels = "distill.labels=5" if method != "kd_feature" else "distill.labels=none"
     metrics = run_task(
-        [*QUICK_DISTILL, f"method={method}", labels, f"paths.output_dir={tmp_path}"],
+        [*QUICK_DISTILL, digits_teacher, f"method={method}", labels, f"paths.output_dir={tmp_path}"],
         tmp_path / "run",
     )
     assert metrics["method"] == method.replace("ce_", "ce+").replace("kd_", "kd+")
@@ -115,10 +122,7 @@ def test_mnist_to_usps_from_the_offline_folder(tmp_path: Path, data_dir: Path) -
     metrics = run_task(
         [
             *QUICK_DISTILL,
-            "data=mnist",
-            "transfer=usps",
-            "teacher=lenet5",
-            "student=lenet5_half",
+            "pair=mnist_usps",  # mnist -> usps, lenet5 -> lenet5_half
             "student.penultimate_dim=64",
             "data.limit_train=2000",
             "data.limit_test=500",
@@ -157,14 +161,18 @@ def test_mnist_to_usps_from_the_offline_folder(tmp_path: Path, data_dir: Path) -
         (["distill.labels=many"], r"distill.labels='many' is invalid: use none, all, or a number"),
         (
             ["distill.labels=1000", "method=ce"],
-            r"distill.labels=1000 asks for more examples per class than the transfer set has",
+            r"^distill.labels=1000 asks for more examples per class than there are \(the rarest class has 139\)$",
         ),
-        (["distill.losses.kd=-1"], r"distill.losses.kd=-1 is invalid: use a number >= 0"),
+        (["distill.losses.kd=-1"], r"^distill.losses.kd=-1.0 is invalid: use a number >= 0"),
         (
-            ["+distill.losses.magic=1"],
-            r"unknown loss 'magic' in distill.losses; valid: \['ce', 'kd'",
+            ["transfer.shift=warp"],
+            r"^transfer.shift='warp' is invalid; valid: none, invert, rotate, scale, noise, blur$",
         ),
-        (["transfer.shift=warp"], r"transfer.shift='warp' is invalid; valid: none, invert, rotate"),
+        (["transfer.shift_strength=0"], r"^transfer.shift_strength=0.0 is invalid: use a number > 0"),
+        (
+            ["transfer.shift=invert", "transfer.shift_strength=2"],
+            r"^transfer.shift_strength=2.0 is invalid for invert: use blend towards the negative image, 0..1 \(> 0\)$",
+        ),
     ],
 )
 def test_bad_distill_settings_stop_before_training(
@@ -176,15 +184,34 @@ def test_bad_distill_settings_stop_before_training(
     assert not (tmp_path / "teachers").exists()  # not even the teacher was trained
 
 
-def test_teacher_checkpoint_for_other_data_is_refused(tmp_path: Path, data_dir: Path) -> None:
-    teacher = run_task(["task=train_teacher", "trainer.max_epochs=1"], tmp_path / "teacher")  # digits, 8x8
+def test_an_unknown_loss_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The schema knows every loss term: an unknown one is refused before anything runs, on
+    the command line (Hydra, at composition) and when added with `+` (which Hydra lets through)."""
+    proc = run_main(
+        ["task=distill", "distill.losses.magic=1", f"hydra.run.dir={tmp_path / 'cli'}"], tmp_path, capsys
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "penrun: error: distill.losses.magic" in proc.stderr
+    assert not (tmp_path / "cli" / "checkpoints").exists()
+    with pytest.raises(
+        ConfigError,
+        match=r"^distill.losses.magic is not a key of penrun's config; valid: ce, kd, synthetic_targets",
+    ):
+        run_task(
+            [*QUICK_DISTILL, "+distill.losses.magic=1", f"paths.output_dir={tmp_path}"], tmp_path / "run"
+        )
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "teachers").exists()
+
+
+def test_teacher_checkpoint_for_other_data_is_refused(
+    tmp_path: Path, data_dir: Path, digits_teacher: str
+) -> None:
     with pytest.raises(ConfigError, match=r"does not fit the data: image_size 8 \(data mnist: 28\)"):
         run_task(
             [
                 *QUICK_DISTILL,
-                "data=mnist",
-                "transfer=usps",
-                f"teacher_ckpt={teacher['checkpoint']}",
+                "pair=mnist_usps",
+                digits_teacher,  # digits, 8x8
             ],
             tmp_path / "run",
             data_dir,
@@ -207,8 +234,9 @@ def test_transfer_labels_outside_the_teachers_classes_are_refused(tmp_path: Path
         run_task(
             [
                 *QUICK_DISTILL,
-                "transfer=npz",
+                "data@transfer=npz",
                 f"transfer.path={path}",
+                "transfer.shift=none",
                 f"paths.output_dir={tmp_path}",
             ],
             tmp_path / "run",
@@ -281,10 +309,11 @@ def test_mnist_to_svhn_through_torchvision_files(
             "data=mnist",
             "data.limit_train=1000",
             "data.limit_test=200",
-            "transfer=svhn",
+            "data@transfer=svhn",
+            "transfer.shift=none",
             "transfer.download=false",
-            "teacher=lenet5",
-            "student=lenet5_half",
+            "net@teacher=lenet5",
+            "net@student=lenet5_half",
             "method=kd",
             f"paths.cache_dir={tmp_path / 'cache'}",
             f"paths.output_dir={tmp_path}",
@@ -305,10 +334,11 @@ def test_cifar10_to_stl10_aligns_the_classes(
             "data=cifar10",
             "data.limit_train=500",
             "data.limit_test=200",
-            "transfer=stl10",
+            "data@transfer=stl10",
+            "transfer.shift=none",
             "transfer.download=false",
-            "teacher=resnet8",
-            "student=resnet8",
+            "net@teacher=resnet8",
+            "net@student=resnet8",
             "method=kd",
             "teacher_trainer.max_epochs=1",
             "trainer.max_epochs=1",

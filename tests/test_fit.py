@@ -2,41 +2,29 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from scipy import stats
 
-from penrun.diagnostics import ks_distance, linear_probe_accuracy
-from penrun.errors import ConfigError
+from penrun.app.errors import ConfigError
 
-from conftest import run_task
+from conftest import Teachers, run_task
 
-TEACHER = [
-    "teacher_trainer.max_epochs=4",
-    "teacher_trainer.progress=false",
-    "fit.samples_per_class=200",
-]
+# The shared digits teachers (conftest.digits_teachers: mlp, 4 epochs).
+SAMPLES = ["fit.samples_per_class=200"]
 
 
-def test_ks_distance_matches_scipy() -> None:
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(300, generator=gen), torch.randn(500, generator=gen) + 0.3
-    assert ks_distance(a, b) == pytest.approx(
-        stats.ks_2samp(a.double().numpy(), b.double().numpy()).statistic, abs=1e-12
+# test_ks_distance_matches_scipy and test_linear_probe_separates_separable_data moved to
+# test_diagnostics.py.
+
+
+def test_fit_on_digits(tmp_path: Path, digits_teachers: Teachers) -> None:
+    metrics = run_task(
+        ["task=fit", *SAMPLES, f"teacher_ckpt={digits_teachers['cosine']}", f"paths.output_dir={tmp_path}"],
+        tmp_path / "run",
     )
-
-
-def test_linear_probe_separates_separable_data() -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 2, generator=gen)
-    y = (x[:, 0] > 0).long()
-    assert linear_probe_accuracy(x, y, x, y, 2, epochs=20) > 0.97
-
-
-def test_fit_on_digits(tmp_path: Path) -> None:
-    metrics = run_task(["task=fit", *TEACHER, f"paths.output_dir={tmp_path}"], tmp_path / "run")
     # The identity: the generative classifier's posterior is the softmax.
     assert metrics["generative_acc"] == metrics["softmax_acc"] > 0.9
     assert metrics["posterior_max_abs_diff"] < 1e-5
@@ -61,12 +49,10 @@ def test_fit_draws_the_circle_for_d2_and_uses_a_given_checkpoint(tmp_path: Path)
     assert (tmp_path / "fit" / "circle.png").exists()
 
 
-def test_linear_head_without_statistics_is_refused(tmp_path: Path) -> None:
-    teacher = run_task(
-        ["task=train_teacher", "teacher.head=linear", "trainer.max_epochs=1"], tmp_path / "teacher"
-    )
-    ckpt_path = Path(teacher["checkpoint"])
-    ckpt = torch.load(ckpt_path, weights_only=False)
+def test_linear_head_without_statistics_is_refused(tmp_path: Path, digits_teachers: Teachers) -> None:
+    ckpt_path = tmp_path / "teacher.pt"
+    shutil.copy(digits_teachers["linear"], ckpt_path)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     del ckpt["activation_stats"]
     torch.save(ckpt, ckpt_path)
     with pytest.raises(
@@ -76,29 +62,33 @@ def test_linear_head_without_statistics_is_refused(tmp_path: Path) -> None:
         run_task(["task=fit", f"teacher_ckpt={ckpt_path}"], tmp_path / "fit")
 
 
-def test_fit_rejects_a_teacher_for_other_data(tmp_path: Path, data_dir: Path) -> None:
-    teacher = run_task(["task=train_teacher", "trainer.max_epochs=1"], tmp_path / "teacher")
+def test_fit_rejects_a_teacher_for_other_data(
+    tmp_path: Path, data_dir: Path, digits_teachers: Teachers
+) -> None:
     with pytest.raises(
         ConfigError,
         match=r"teacher checkpoint .* does not fit the data: image_size 8 \(data usps: 16\)",
     ):
         run_task(
-            ["task=fit", "data=usps", f"teacher_ckpt={teacher['checkpoint']}"],
+            ["task=fit", "data=usps", f"teacher_ckpt={digits_teachers['cosine']}"],
             tmp_path / "fit",
             data_dir,
         )
 
 
-def test_penultimate_model_from_a_checkpoint_file(tmp_path: Path) -> None:
+def test_penultimate_model_from_a_checkpoint_file(digits_teachers: Teachers) -> None:
+    """PenultimateModel.from_checkpoint is gone: load_classifier, then from_classifier with the
+    recorded statistics."""
     from penrun import PenultimateModel
+    from penrun.train.checkpoint import load_classifier
 
-    teacher = run_task(
-        ["task=train_teacher", "teacher.head=linear", "trainer.max_epochs=1"], tmp_path / "teacher"
-    )
-    fixed = PenultimateModel.from_checkpoint(teacher["checkpoint"])
-    empirical = PenultimateModel.from_checkpoint(teacher["checkpoint"], radius="empirical")
+    net, ckpt = load_classifier(digits_teachers["linear"])
+    assert net.head.kind == "linear"
+    assert not hasattr(PenultimateModel, "from_checkpoint")
+    fixed = PenultimateModel.from_classifier(net, ckpt.get("activation_stats"))
+    empirical = PenultimateModel.from_classifier(net, ckpt.get("activation_stats"), radius="empirical")
     a, y = empirical.sample(500, balanced=True, generator=torch.Generator().manual_seed(0), space="input")
-    stats = torch.load(teacher["checkpoint"], weights_only=False)["activation_stats"]
+    stats = torch.load(digits_teachers["linear"], weights_only=True)["activation_stats"]
     norms = a.norm(dim=1).double()
     # A linear head: radii drawn from the recorded per-class norms, inside their range.
     assert (norms >= stats["norm_quantiles"][y, 0] - 1e-4).all() and (

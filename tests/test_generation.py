@@ -9,18 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from penrun.engine import CHECKPOINT_FORMAT, save_torch
-from penrun.errors import ConfigError
-from penrun.generation import (
+from penrun.app.errors import ConfigError
+from penrun.core.conditions import ConditionSampler, balanced_labels, generate, sample_grid, to_uint8
+from penrun.core.metrics import (
     frechet_distance,
     frechet_distance_of,
+    generation_metrics,
     mean_pairwise_distance,
-    sample_grid,
-    to_uint8,
 )
+from penrun.core.penultimate import PenultimateModel
 from penrun.models import build_classifier
-from penrun.models.generative import ConditionalVAE, Generator, ProjectionDiscriminator
+from penrun.train.checkpoint import CHECKPOINT_FORMAT
+from penrun.train.files import save_torch
 
 from conftest import compose_config, run_task
 
@@ -87,17 +89,66 @@ def test_mean_pairwise_distance_and_uint8_images() -> None:
     assert grid.shape[0] == 3 and grid.shape[1] > 5 * 8  # rows of 8x8 images enlarged
 
 
-@pytest.mark.parametrize("size", [8, 16, 28, 30])
-def test_networks_take_and_give_images_of_the_data_size(size: int) -> None:
-    x, c = torch.rand(3, 1, size, size) * 2 - 1, torch.rand(3, 5)
-    vae = ConditionalVAE(1, size, cond_dim=5, z_dim=4, width=4)
-    loss, logs = vae.loss(x, c)
-    assert loss.isfinite() and logs["kl"] >= 0
-    assert vae.eval()(torch.randn(3, 4), c).shape == (3, 1, size, size)
-    gen = Generator(1, size, cond_dim=5, z_dim=4, width=4).eval()
-    fake = gen(torch.randn(3, 4), c)
-    assert fake.shape == (3, 1, size, size) and fake.abs().max() <= 1
-    assert ProjectionDiscriminator(1, size, cond_dim=5, width=4)(fake, c).shape == (3,)
+def test_generation_metrics_from_the_evaluators_outputs() -> None:
+    """generation_metrics takes the evaluator's penultimate features and logits of the fake images."""
+    gen = torch.Generator().manual_seed(4)
+    y = balanced_labels(3, 4)
+    features = torch.randn(12, 5, generator=gen)
+    logits = F.one_hot(y, 3).float()
+    logits[[0, 4, 5]] = torch.tensor([0.0, 0.0, 1.0])  # wrong: one of class 0, two of class 1
+    real = torch.randn(12, 5, generator=gen) + 1
+    m = generation_metrics(features, logits, y, real, num_classes=3, seed=0)
+    assert m["cond_acc_per_class"] == [0.75, 0.5, 1.0] and m["cond_acc"] == pytest.approx(0.75)
+    diversity = [mean_pairwise_distance(features[y == k]) for k in range(3)]
+    assert m["diversity_per_class"] == diversity and m["diversity"] == pytest.approx(sum(diversity) / 3)
+    # Equal counts: all of both sets, in another order (the distance does not see the order).
+    assert m["frechet_count"] == 12
+    assert m["frechet"] == pytest.approx(frechet_distance_of(features, real), rel=1e-9)
+    # More real images than fake ones: a fixed random subset of the real ones, as many as the fake.
+    more_real = torch.randn(50, 5, generator=gen)
+    first = generation_metrics(features, logits, y, more_real, num_classes=3, seed=1)
+    assert first["frechet_count"] == 12
+    assert first == generation_metrics(features, logits, y, more_real, num_classes=3, seed=1)
+
+
+def test_training_conditions_are_labels_or_the_teachers_unit_activations() -> None:
+    from penrun.app.tasks.conditional_generation import training_conditions
+    from penrun.data import ImageData
+    from penrun.train.loop import predict
+
+    y = torch.arange(10).repeat(3)
+    x = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
+    data = ImageData("digits", x, y, x[:5], y[:5], 10, "test")
+    onehot = training_conditions(data, None, 8, torch.device("cpu"))
+    assert torch.equal(onehot, F.one_hot(y, 10).float())
+    torch.manual_seed(0)
+    teacher = build_classifier("mlp", channels=1, image_size=8, num_classes=10, penultimate_dim=6).eval()
+    c = training_conditions(data, teacher, 8, torch.device("cpu"))
+    h, _ = predict(teacher, x, 8, torch.device("cpu"))
+    assert c.shape == (30, 6) and c.dtype == torch.float32
+    torch.testing.assert_close(c, F.normalize(h, dim=1))
+
+
+def test_conditions_and_generated_images_are_reproducible() -> None:
+    torch.manual_seed(0)
+    teacher = build_classifier("mlp", channels=1, image_size=8, num_classes=4, penultimate_dim=6).eval()
+    onehot, vmf = ConditionSampler(4), ConditionSampler(4, PenultimateModel.from_classifier(teacher))
+    assert (onehot.dim, vmf.dim) == (4, 6)
+    y = torch.tensor([0, 3, 3])
+    assert torch.equal(onehot(y, torch.Generator()), F.one_hot(y, 4).float())
+    c = vmf(y, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(3))
+    assert torch.equal(c, vmf(y, torch.Generator().manual_seed(1)))
+
+    def decoder(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z[:, :1, None, None] + c[:, :1, None, None]).expand(-1, 1, 8, 8)
+
+    labels = balanced_labels(4, 3)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    images = generate(decoder, vmf, labels, z_dim=2, seed=5, batch_size=5, device=torch.device("cpu"))
+    assert images.shape == (12, 1, 8, 8) and images.dtype == torch.uint8
+    assert torch.equal(images, generate(decoder, vmf, labels, 2, 5, 5, torch.device("cpu")))
+    assert not torch.equal(images, generate(decoder, vmf, labels, 2, 6, 5, torch.device("cpu")))
 
 
 # ---------------------------------------------------------------- smoke runs
@@ -175,8 +226,8 @@ def write_classifier(path: Path, **changes: object) -> Path:
 
 
 BAD_INPUT = [
-    (["gen.cond=labels"], r"gen.cond='labels' is invalid; valid: \['onehot', 'penultimate'\]"),
-    (["gen.z_dim=0"], r"gen.z_dim=0 is invalid: use an integer >= 1"),
+    (["gen.cond=labels"], r"^gen.cond='labels' is invalid; valid: onehot, penultimate$"),
+    (["gen.z_dim=0"], r"^gen.z_dim=0 is invalid: use an integer >= 1"),
     (
         ["net@evaluator=mlp", "evaluator_seed=0"],
         "the evaluator must be independent of the teacher",
@@ -231,13 +282,13 @@ def test_vae_on_mnist_teacher_activations_generates_the_asked_class(tmp_path: Pa
         "task=vae",
         "data=mnist",
         "data.limit_train=20000",
-        "teacher=lenet5",
+        "net@teacher=lenet5",
         "teacher_trainer.max_epochs=2",
         "net@evaluator=mlp",
         "evaluator_trainer.max_epochs=2",
         "trainer.max_epochs=3",
         "trainer.batch_size=128",
-        "gen.kappa=fitted",
+        "vmf.kappa=fitted",
         f"paths.output_dir={tmp_path}",
     ]
     metrics = run_task(overrides, tmp_path / "run", data_dir)

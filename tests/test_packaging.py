@@ -29,3 +29,14 @@ def test_wheel_carries_every_config(tmp_path: Path) -> None:
         f"penrun/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")
     }
     assert expected and expected <= names
+
+
+def test_the_console_script_points_at_the_entry_point() -> None:
+    import importlib
+    import tomllib
+
+    from penrun.app.cli import main
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["penrun"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from penrun.core.penultimate import EmpiricalRadius, PenultimateModel, fit_kappa_from_activations
 from penrun.core.bessel import mean_cosine
+from penrun.core.penultimate import EmpiricalRadius, PenultimateModel, fit_kappa_from_activations
 from penrun.core.vmf import VonMisesFisher, sample_vmf
 
 F64 = torch.float64

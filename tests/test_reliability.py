@@ -140,7 +140,7 @@ def test_a_sweep_and_its_report_survive_a_broken_job(in_tmp: Path, capsys: pytes
     sweep = in_tmp / "outputs/multirun/train_teacher"
     jobs = sorted((sweep / "train_teacher").iterdir())
     (jobs[0] / "metrics.json").write_text('{"status": "compl')
-    code, err = penrun(["task=report", f"sweep_dir={sweep}", "trainer.progress=false"], capsys)
+    code, _err = penrun(["task=report", f"sweep_dir={sweep}", "trainer.progress=false"], capsys)
     assert code == 0 and "metrics.json unreadable" in (sweep / "report.md").read_text()
     assert penrun(args, capsys)[0] == 0  # the sweep rebuilds the broken job from its last.pt
     assert json.loads((jobs[0] / "metrics.json").read_text())["status"] == "complete"

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from penrun import sweeps
-from penrun.cli import config_dir
-from penrun.errors import ConfigError
+from penrun.app import sweeps
+from penrun.app.cli import config_dir
+from penrun.app.errors import ConfigError
 
-from conftest import run_cli
+from conftest import finish, run_task, start_cli
 
 # Two one-epoch teacher jobs on digits; the second has an invalid learning rate.
 SWEEP = ["-m", "task=train_teacher", "trainer.max_epochs=1", "trainer.lr=0.001,-1"]
@@ -26,44 +29,118 @@ def job_folder(tmp_path: Path, name: str, experiment: str = "train_teacher") -> 
     return tmp_path / "outputs" / "multirun" / experiment / "train_teacher" / name
 
 
+# Launchers' sweeps: two parallel distill jobs that need one teacher (single-threaded jobs).
+LAUNCHER_SWEEP = [
+    "-m",
+    "task=distill",
+    "trainer.max_epochs=1",
+    "teacher_trainer.max_epochs=1",
+    "trainer.num_threads=1",
+    "teacher_trainer.num_threads=1",
+    "seed=0,1",
+]
+# Launched by the module's fixture (the others by their test): submitit's local launcher
+# starts a fresh interpreter per job, the slowest launch of all, and is tested with -m slow.
+LAUNCHERS = ("joblib",)
+
+
+@dataclass
+class Sweeps:
+    """Every `penrun -m` of this module and the folders it ran in. The commands are launched
+    in two rounds, the independent ones of a round at the same time (a command's start-up is
+    single-threaded; with several, the two cores share them)."""
+
+    swept: Path  # SWEEP launched once, as it stands after that launch (tests use copies)
+    again: Path  # a copy of it, launched again
+    again_mtime: int  # its complete job's last.pt's mtime before that
+    edited: Path  # a copy whose complete job's config was edited, launched again
+    late: Path  # a sweep whose data file appeared between its two launches
+    late_job: Path  # that sweep's job folder after the first launch failed
+    launchers: dict[str, Path]  # launcher -> folder of its sweep, then launched again without it
+    results: dict[str, subprocess.CompletedProcess]
+
+
+@pytest.fixture(scope="module")
+def sweeps_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Sweeps:
+    root = tmp_path_factory.mktemp("sweeps")
+    swept, late_root = root / "swept", root / "late"
+    launchers = {name: root / name for name in LAUNCHERS}
+    for folder in (swept, late_root, *launchers.values()):
+        folder.mkdir()
+    late_data = late_root / "late.npz"  # a data file that appears after the first launch
+    late_args = ["-m", "task=train_teacher", "trainer.max_epochs=1", "data=npz", f"data.path={late_data}"]
+    first = {
+        "swept": start_cli(SWEEP, cwd=swept),
+        "late first": start_cli(late_args, cwd=late_root),
+        **{
+            f"{name}": start_cli([*LAUNCHER_SWEEP, f"launcher={name}"], cwd=launchers[name])
+            for name in LAUNCHERS
+        },
+    }
+    results = {name: finish(proc, check=False) for name, proc in first.items()}
+    failed = {p.parent for p in late_root.rglob("failed.json")}
+    assert len(failed) == 1, results["late first"].stderr
+    (late_job,) = failed
+
+    again, edited = root / "again", root / "edited"
+    for copy in (again, edited):
+        shutil.copytree(swept / "outputs", copy / "outputs")
+    again_mtime = (job_folder(again, GOOD) / "checkpoints" / "last.pt").stat().st_mtime_ns
+    metrics_path = job_folder(edited, GOOD) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["config"]["trainer"]["weight_decay"] = 0.1  # as if the config file had been edited
+    metrics_path.write_text(json.dumps(metrics))
+    with np.load(data_dir / "usps.npz") as usps:  # the first images of USPS: a quick job
+        np.savez(late_data, **{k: usps[k][: 600 if "train" in k else 200] for k in usps.files})
+    second = {
+        "again": start_cli(SWEEP, cwd=again),
+        "edited": start_cli(SWEEP, cwd=edited),
+        "late second": start_cli(late_args, cwd=late_root),
+        **{f"{name} again": start_cli(LAUNCHER_SWEEP, cwd=launchers[name]) for name in LAUNCHERS},
+    }
+    results |= {name: finish(proc, check=False) for name, proc in second.items()}
+    return Sweeps(swept, again, again_mtime, edited, late_root, late_job, launchers, results)
+
+
 @pytest.fixture
-def swept(tmp_path: Path) -> Path:
-    proc = run_cli(SWEEP, cwd=tmp_path, check=False)
+def swept(sweeps_run: Sweeps, tmp_path: Path) -> Path:
+    """A copy of the first launch's folder (sweep folders hold relative paths only, so a copy
+    is the same sweep)."""
+    shutil.copytree(sweeps_run.swept / "outputs", tmp_path / "outputs")
+    return tmp_path
+
+
+def test_the_first_launch_reports_its_plan_and_the_failure(sweeps_run: Sweeps) -> None:
+    proc = sweeps_run.results["swept"]
     assert proc.returncode == 1, proc.stderr
     assert "sweep outputs/multirun/train_teacher: 2 jobs: 2 new" in proc.stdout
     assert "1 of 2 jobs complete" in proc.stdout
-    assert f"{BAD}: failed: ConfigError: trainer.lr=-1 is invalid" in proc.stderr
-    return tmp_path
+    assert f"{BAD} failed: ConfigError: trainer.lr=-1.0 is invalid" in proc.stderr
 
 
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(swept: Path) -> None:
     assert json.loads((job_folder(swept, GOOD) / "metrics.json").read_text())["status"] == "complete"
     failure = json.loads((job_folder(swept, BAD) / "failed.json").read_text())
-    assert failure["error"] == "ConfigError: trainer.lr=-1 is invalid: use a number > 0"
+    assert failure["error"] == "ConfigError: trainer.lr=-1.0 is invalid: use a number > 0 and <= 10"
     assert failure["attempts"] == 1 and any("ConfigError" in line for line in failure["traceback"])
     status = json.loads((swept / "outputs" / "multirun" / "train_teacher" / "sweep_status.json").read_text())
     assert [job["state"] for job in status["jobs"]] == ["complete", "failed"]
 
 
-def test_launching_again_reuses_finished_jobs_and_retries_failed_ones(swept: Path) -> None:
-    last = job_folder(swept, GOOD) / "checkpoints" / "last.pt"
-    before = last.stat().st_mtime_ns
-    proc = run_cli(SWEEP, cwd=swept, check=False)
+def test_launching_again_reuses_finished_jobs_and_retries_failed_ones(sweeps_run: Sweeps) -> None:
+    proc, folder = sweeps_run.results["again"], sweeps_run.again
+    last = job_folder(folder, GOOD) / "checkpoints" / "last.pt"
     assert proc.returncode == 1
     assert "2 jobs: 1 complete (reused), 1 failed before (retried)" in proc.stdout
-    assert last.stat().st_mtime_ns == before
-    assert json.loads((job_folder(swept, BAD) / "failed.json").read_text())["attempts"] == 2
+    assert last.stat().st_mtime_ns == sweeps_run.again_mtime
+    assert json.loads((job_folder(folder, BAD) / "failed.json").read_text())["attempts"] == 2
 
 
-def test_a_retried_job_that_succeeds_clears_its_failure(tmp_path: Path, data_dir: Path) -> None:
-    late = tmp_path / "late.npz"  # a data file that appears after the first launch
-    args = ["-m", "task=train_teacher", "trainer.max_epochs=1", "data=npz", f"data.path={late}"]
-    first = run_cli(args, cwd=tmp_path, check=False)
+def test_a_retried_job_that_succeeds_clears_its_failure(sweeps_run: Sweeps) -> None:
+    first, second = sweeps_run.results["late first"], sweeps_run.results["late second"]
     assert first.returncode == 1 and "failed: ConfigError" in first.stderr
-    (folder,) = {p.parent for p in tmp_path.rglob("failed.json")}
-
-    shutil.copy(data_dir / "usps.npz", late)
-    second = run_cli(args, cwd=tmp_path)
+    folder = sweeps_run.late_job
+    assert second.returncode == 0, second.stderr
     assert "1 jobs: 1 failed before (retried)" in second.stdout and "1 of 1 jobs complete" in second.stdout
     assert not (folder / "failed.json").exists()
     assert json.loads((folder / "metrics.json").read_text())["status"] == "complete"
@@ -71,47 +148,48 @@ def test_a_retried_job_that_succeeds_clears_its_failure(tmp_path: Path, data_dir
 
 def test_report_names_the_failed_job_and_its_error(swept: Path) -> None:
     sweep = swept / "outputs" / "multirun" / "train_teacher"
-    run_cli(["task=report", f"sweep_dir={sweep}", f"hydra.run.dir={swept / 'r'}"], cwd=swept)
+    run_task(["task=report", f"sweep_dir={sweep}"], swept / "r")  # the report task, in this process
     report = (sweep / "report.md").read_text()
     assert "1 complete runs" in report and "Missing or incomplete runs (1)" in report
-    assert f"`train_teacher/{BAD}`: failed: ConfigError: trainer.lr=-1 is invalid" in report
+    assert f"`train_teacher/{BAD}`: failed: ConfigError: trainer.lr=-1.0 is invalid" in report
 
 
-def test_a_sweep_folder_of_a_different_config_is_refused_before_any_job(swept: Path) -> None:
-    metrics_path = job_folder(swept, GOOD) / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
-    metrics["config"]["trainer"]["weight_decay"] = 0.1  # as if the config file had been edited
-    metrics_path.write_text(json.dumps(metrics))
-    proc = run_cli(SWEEP, cwd=swept, check=False)
+def test_a_sweep_folder_of_a_different_config_is_refused_before_any_job(sweeps_run: Sweeps) -> None:
+    proc, folder = sweeps_run.results["edited"], sweeps_run.edited
     assert proc.returncode == 2
     assert "penrun: error: the sweep folder holds runs of a different config in 1 of 2" in proc.stderr
     assert "trainer.weight_decay: 0.1 -> 0.0005" in proc.stderr
     assert "Launching" not in proc.stdout + proc.stderr
-    assert json.loads((job_folder(swept, BAD) / "failed.json").read_text())["attempts"] == 1
+    assert json.loads((job_folder(folder, BAD) / "failed.json").read_text())["attempts"] == 1
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "local"])
-def test_launchers_share_teachers_and_resume_each_others_sweeps(launcher: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["joblib", pytest.param("local", marks=pytest.mark.slow)])
+def test_launchers_share_teachers_and_resume_each_others_sweeps(
+    launcher: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     """Two parallel distill jobs need one teacher: the cache lock lets one train it. A sweep
     run by a launcher is found again by the default launcher and reported the same way."""
-    args = [
-        "-m",
-        "task=distill",
-        "trainer.max_epochs=1",
-        "teacher_trainer.max_epochs=1",
-        "trainer.num_threads=1",
-        "teacher_trainer.num_threads=1",
-        "seed=0,1",
-    ]
-    proc = run_cli([*args, f"launcher={launcher}"], cwd=tmp_path)
+    if launcher in LAUNCHERS:
+        sweeps_run: Sweeps = request.getfixturevalue("sweeps_run")
+        folder, results = sweeps_run.launchers[launcher], sweeps_run.results
+    else:
+        folder = tmp_path / launcher
+        folder.mkdir()
+        results = {
+            launcher: finish(start_cli([*LAUNCHER_SWEEP, f"launcher={launcher}"], cwd=folder), check=False)
+        }
+        results[f"{launcher} again"] = finish(start_cli(LAUNCHER_SWEEP, cwd=folder), check=False)
+    proc = results[launcher]
+    assert proc.returncode == 0, proc.stderr
     assert "2 of 2 jobs complete" in proc.stdout
-    log = proc.stdout + "".join(p.read_text() for p in tmp_path.rglob("*_log.out"))
+    log = proc.stdout + "".join(p.read_text() for p in folder.rglob("*_log.out"))
     assert log.count("training teacher mlp") == 1 and log.count("using cached teacher") == 1
 
-    again = run_cli(args, cwd=tmp_path)
+    again = results[f"{launcher} again"]
+    assert again.returncode == 0, again.stderr
     assert "2 jobs: 2 complete (reused)" in again.stdout
-    sweep = tmp_path / "outputs" / "multirun" / "distill"
-    run_cli(["task=report", f"sweep_dir={sweep}", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    sweep = folder / "outputs" / "multirun" / "distill"
+    run_task(["task=report", f"sweep_dir={sweep}"], tmp_path / "r")  # the report task, in this process
     assert "2 complete runs" in (sweep / "report.md").read_text()
 
 
@@ -130,7 +208,7 @@ def test_a_missing_launcher_plugin_names_its_package(
     with pytest.raises(ConfigError, match=rf"needs the Hydra launcher plugin '{package}'"):
         sweeps.check_launcher_plugins(["-m", arg, "seed=0,1"])
 
-    from penrun.cli import main
+    from penrun.app.cli import main
 
     monkeypatch.setattr(sys, "argv", ["penrun", "-m", arg])
     with pytest.raises(SystemExit) as exit_info:

@@ -3,24 +3,69 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
-from penrun.engine import CHECKPOINT_FORMAT, load_checkpoint
-from penrun.errors import ConfigError
+from penrun.app.errors import ConfigError
+from penrun.errors import InputError
+from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from penrun.train.files import exclusive_lock
 
-from conftest import run_cli, run_task
+from conftest import finish, run_task, start_cli
 
 DIGITS = ["task=train_teacher", "trainer.max_epochs=4"]
 
 
+@dataclass
+class Commands:
+    """The module's `penrun` commands and what they left; independent ones ran at the same time
+    (a command's start-up is single-threaded: two share the two cores)."""
+
+    digits: Path  # a finished train_teacher run on digits
+    reused: Path  # a copy of it, launched again with the same config
+    reused_mtime: int  # its last.pt's mtime before that
+    other: Path  # a copy of it, launched again with another config
+    busy: Path  # a folder whose lock this process held while a command was launched into it
+    results: dict[str, subprocess.CompletedProcess]
+
+
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    run_cli([*DIGITS, f"hydra.run.dir={out}"], cwd=out)
-    return out
+def commands(tmp_path_factory: pytest.TempPathFactory) -> Commands:
+    root = tmp_path_factory.mktemp("commands")
+    digits, busy = root / "digits", root / "busy"
+    held = exclusive_lock(busy / ".lock", wait=False)  # as a running penrun holds it
+    try:
+        first = {
+            "digits": start_cli([*DIGITS, f"hydra.run.dir={digits}"], cwd=root),
+            "bad value": start_cli(
+                ["task=train_teacher", "trainer.batch_size=-4", f"hydra.run.dir={root / 'bad'}"], cwd=root
+            ),
+            "busy": start_cli([*DIGITS, f"hydra.run.dir={busy}"], cwd=root),
+        }
+        results = {name: finish(proc, check=name == "digits") for name, proc in first.items()}
+    finally:
+        held.close()
+    reused, other = root / "reused", root / "other"
+    shutil.copytree(digits, reused)
+    shutil.copytree(digits, other)
+    reused_mtime = (reused / "checkpoints" / "last.pt").stat().st_mtime_ns
+    second = {
+        "reused": start_cli([*DIGITS, f"hydra.run.dir={reused}"], cwd=reused),
+        "other": start_cli(
+            ["task=train_teacher", "trainer.max_epochs=5", f"hydra.run.dir={other}"], cwd=other
+        ),
+    }
+    results |= {name: finish(proc, check=False) for name, proc in second.items()}
+    return Commands(digits, reused, reused_mtime, other, busy, results)
+
+
+@pytest.fixture(scope="module")
+def digits_run(commands: Commands) -> Path:
+    return commands.digits
 
 
 def test_run_folder_is_complete(digits_run: Path) -> None:
@@ -43,19 +88,15 @@ def test_run_folder_is_complete(digits_run: Path) -> None:
     assert load_checkpoint(digits_run / "checkpoints" / "last.pt")["epoch"] == 4
 
 
-def test_finished_run_is_reused_not_retrained(digits_run: Path) -> None:
-    last = digits_run / "checkpoints" / "last.pt"
-    before = last.stat().st_mtime_ns
-    proc = run_cli([*DIGITS, f"hydra.run.dir={digits_run}"], cwd=digits_run)
-    assert "reusing its results" in proc.stdout and last.stat().st_mtime_ns == before
+def test_finished_run_is_reused_not_retrained(commands: Commands) -> None:
+    proc = commands.results["reused"]
+    assert proc.returncode == 0, proc.stderr
+    last = commands.reused / "checkpoints" / "last.pt"
+    assert "reusing its results" in proc.stdout and last.stat().st_mtime_ns == commands.reused_mtime
 
 
-def test_a_different_config_in_the_same_folder_is_refused(digits_run: Path) -> None:
-    proc = run_cli(
-        ["task=train_teacher", "trainer.max_epochs=5", f"hydra.run.dir={digits_run}"],
-        cwd=digits_run,
-        check=False,
-    )
+def test_a_different_config_in_the_same_folder_is_refused(commands: Commands) -> None:
+    proc = commands.results["other"]
     assert proc.returncode == 2
     assert "holds a run of a different config" in proc.stderr and "trainer.max_epochs: 4 -> 5" in proc.stderr
 
@@ -65,7 +106,7 @@ def test_mnist_lenet5_from_the_offline_folder(tmp_path: Path, data_dir: Path) ->
         [
             "task=train_teacher",
             "data=mnist",
-            "teacher=lenet5",
+            "net@teacher=lenet5",
             "trainer.max_epochs=2",
             "data.limit_train=3000",
             "data.limit_test=1000",
@@ -80,17 +121,19 @@ def test_mnist_lenet5_from_the_offline_folder(tmp_path: Path, data_dir: Path) ->
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.batch_size=0", r"trainer.batch_size=0 is invalid: use an integer >= 1"),
-        ("trainer.lr=-0.1", r"trainer.lr=-0.1 is invalid: use a number > 0"),
-        ("trainer.device=tpu", r"trainer.device='tpu' is invalid; valid: auto, cpu, cuda"),
+        ("trainer.batch_size=0", r"^trainer.batch_size=0 is invalid: use an integer >= 2"),
+        ("trainer.lr=-0.1", r"^trainer.lr=-0.1 is invalid: use a number > 0"),
+        ("trainer.lr=nan", r"^trainer.lr=nan is invalid: use a finite number$"),
+        ("trainer.device=tpu", r"^trainer.device='tpu' is invalid; valid: auto, cpu, cuda, cuda:N$"),
+        ("trainer.optimizer=lbfgs", r"^trainer.optimizer='lbfgs' is invalid; valid: adam, adamw, sgd$"),
+        ("trainer.max_epochs=0", r"^trainer.max_epochs=0 is invalid: use an integer >= 1"),
+        ("teacher.head=arcface", r"^teacher.head='arcface' is invalid; valid: cosine, linear$"),
+        ("teacher.penultimate_dim=1", r"^teacher.penultimate_dim=1 is invalid: use an integer >= 2"),
         (
-            "trainer.optimizer=lbfgs",
-            r"trainer.optimizer='lbfgs' is invalid; valid: \['adam', 'adamw', 'sgd'\]",
+            "net@teacher=lenet5",
+            r"^teacher.arch='lenet5' needs images of at least 16x16, got data.image_size=8; "
+            r"resize the images \(e.g. to 28\) or use teacher.arch='mlp'$",
         ),
-        ("trainer.max_epochs=0", r"trainer.max_epochs=0 is invalid"),
-        ("teacher.head=arcface", r"unknown head 'arcface'; valid: \['cosine', 'linear'\]"),
-        ("teacher.penultimate_dim=1", r"penultimate_dim=1 is invalid: it must be >= 2"),
-        ("teacher=lenet5", r"lenet5 needs images of at least 16x16, got 8x8; set data.image_size"),
     ],
 )
 def test_bad_values_stop_before_training(tmp_path: Path, override: str, message: str) -> None:
@@ -99,43 +142,27 @@ def test_bad_values_stop_before_training(tmp_path: Path, override: str, message:
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_bad_value_from_the_command_line_is_a_clean_error(tmp_path: Path) -> None:
-    proc = run_cli(
-        ["task=train_teacher", "trainer.batch_size=-4", f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path,
-        check=False,
-    )
+def test_bad_value_from_the_command_line_is_a_clean_error(commands: Commands) -> None:
+    proc = commands.results["bad value"]
     assert proc.returncode == 2 and "trainer.batch_size=-4 is invalid" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match=r"corrupt\.pt' is corrupt or unreadable"):
-        load_checkpoint(corrupt)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(ConfigError, match=r"foreign\.pt' is not a penrun checkpoint"):
-        load_checkpoint(foreign)
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+# test_corrupt_and_foreign_checkpoints_are_refused moved to test_train.py (load_checkpoint).
 
 
 def test_corrupt_last_checkpoint_in_a_run_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"\x00" * 10)
-    with pytest.raises(ConfigError, match=r"last\.pt' is corrupt or unreadable"):
+    with pytest.raises(InputError, match=r"last\.pt' is corrupt or unreadable"):
         run_task(DIGITS, tmp_path)
 
 
-def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path: Path) -> None:
-    from penrun.engine import exclusive_lock
-
-    folder = tmp_path / "busy"
-    with exclusive_lock(folder / ".lock", wait=False):  # as a running penrun holds it
-        proc = run_cli([*DIGITS, f"hydra.run.dir={folder}"], cwd=tmp_path, check=False)
+def test_a_run_folder_in_use_by_another_process_is_refused(commands: Commands) -> None:
+    folder, proc = commands.busy, commands.results["busy"]
     assert proc.returncode == 2
     assert f"run folder {folder} is in use by another penrun process" in proc.stderr
     assert not (folder / "checkpoints").exists()
-    run_cli([*DIGITS, "trainer.max_epochs=1", f"hydra.run.dir={folder}"], cwd=tmp_path)  # free again
+    # Free again once the other process lets go (in this process: the same claim of the folder).
+    assert run_task([*DIGITS, "trainer.max_epochs=1"], folder)["task"] == "train_teacher"
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "complete"

@@ -82,6 +82,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     jobs_started.clear()
+    sweeps.failed_jobs.clear()
     try:
         sweeps.check_launcher_plugins(sys.argv[1:])
     except InputError as err:
@@ -101,10 +102,6 @@ def main() -> None:
         fail(composition_error(err))
     if sweeps.failed_jobs:
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -133,3 +130,7 @@ def composition_error(err: Exception) -> str:
         return f"{node.group(1)} cannot be set here: the chosen task does not use it"
     # Hydra's "Could not find 'net/nope'" lists the options, then its search path: keep the options.
     return text.split(" Config search path")[0]
+
+
+if __name__ == "__main__":
+    main()

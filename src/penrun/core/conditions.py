@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid
 
 from penrun.core.penultimate import PenultimateModel
 
@@ -74,6 +73,8 @@ def balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
 def sample_grid(images: torch.Tensor, per_row: int, min_side: int = 28) -> torch.Tensor:
     """A float (C, H, W) grid in [0, 1] of uint8 images, `per_row` a row; small images are
     enlarged (nearest neighbour) to at least `min_side` pixels so the grid is legible."""
+    from torchvision.utils import make_grid  # torchvision is slow to import: only for pictures
+
     x = images.float() / 255
     scale = math.ceil(min_side / x.shape[-1])
     if scale > 1:

@@ -12,7 +12,6 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from penrun.train import distributed
 
@@ -81,4 +80,6 @@ def save_torch(path: Path, obj: Any) -> None:
 
 def save_image_grid(grid: torch.Tensor, path: Path) -> None:
     """A float (C, H, W) image in [0, 1] as a PNG file."""
+    from torchvision.utils import save_image  # torchvision is slow to import: only for pictures
+
     atomic_write(path, lambda tmp: save_image(grid, str(tmp), format="png"))

@@ -1,0 +1,307 @@
+"""The train package on its own: files that survive a kill, locks between processes, checkpoints
+that load without running code, the learning-rate schedule, batches and random states."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import select
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from penrun.data import epoch_batches, num_batches
+from penrun.errors import InputError
+from penrun.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_payload,
+    load_checkpoint,
+    restore_random_states,
+)
+from penrun.train.files import atomic_write, exclusive_lock, save_json, save_torch
+from penrun.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
+from penrun.train.seeding import rng_state, seed_everything, set_rng_state
+
+
+# ---------------------------------------------------------------- files
+def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "metrics.json"
+    atomic_write(path, lambda p: p.write_text("old"))
+    atomic_write(path, lambda p: p.write_text("new"))
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
+    # The usual mode of a new file (mkstemp would make it 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_raises(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    save_torch(path, {"epoch": 1})
+
+    def half_written(tmp: Path) -> None:
+        tmp.write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # also a kill that Python sees
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, half_written)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_save_json_writes_tensors_and_numpy_values(tmp_path: Path) -> None:
+    save_json(tmp_path / "m.json", {"a": torch.tensor([1.5, 2.0]), "b": np.float32(0.25), "c": np.arange(2)})
+    assert (
+        tmp_path / "m.json"
+    ).read_text() == '{\n  "a": [\n    1.5,\n    2.0\n  ],\n  "b": 0.25,\n  "c": [\n    0,\n    1\n  ]\n}\n'
+    with pytest.raises(TypeError, match="cannot write object to JSON"):
+        save_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists()
+
+
+class OtherProcess:
+    """A forked process (penrun is loaded already: no start-up) that tries the lock, writes
+    "locked" or "busy" to a pipe and ends (which releases what it took)."""
+
+    def __init__(self, path: Path, wait: bool):
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: no pytest, no cleanup, just the lock
+            try:
+                # Not the parent's open files: a lock is held by an open file, which a fork
+                # shares, so the child would hold the parent's lock too.
+                os.closerange(3, write)
+                os.closerange(write + 1, 1 << 16)
+                handle = exclusive_lock(path, wait=wait)
+                os.write(write, b"locked" if handle is not None else b"busy")
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.read = read
+
+    def answered(self, timeout: float) -> bool:
+        return bool(select.select([self.read], [], [], timeout)[0])
+
+    def outcome(self) -> str:
+        assert self.answered(60), "the other process did not answer"
+        answer = os.read(self.read, 16).decode()
+        os.close(self.read)
+        os.waitpid(self.pid, 0)
+        return answer
+
+
+def test_exclusive_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "folder" / ".lock"
+    held = exclusive_lock(path, wait=False)
+    assert held is not None
+    try:
+        assert OtherProcess(path, wait=False).outcome() == "busy"
+        waiting = OtherProcess(path, wait=True)
+        assert not waiting.answered(0.5)  # blocked while this process holds the lock
+    finally:
+        held.close()
+    assert waiting.outcome() == "locked"  # and gets it once it is free
+    # The lock dies with its process (as after a SIGKILL): free again.
+    assert OtherProcess(path, wait=False).outcome() == "locked"
+    # In one process, a second handle is a second holder: refused too.
+    first = exclusive_lock(path, wait=False)
+    assert first is not None and exclusive_lock(path, wait=False) is None
+    first.close()
+
+
+# ---------------------------------------------------------------- checkpoints
+class CreatesAFile:
+    """A pickle that creates a file when it is unpickled (any code could run there)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": CreatesAFile(marker)}, evil)
+    assert not marker.exists()
+    with pytest.raises(
+        InputError, match=r"^refusing to load checkpoint '.*evil\.pt': it holds objects other than"
+    ):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    # Unpickled without weights_only, the same file would have run its code.
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_folder_or_a_missing_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"^checkpoint '.*' is a folder: pass its checkpoints/last\.pt$"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(InputError, match=r"^checkpoint '.*missing\.pt' does not exist$"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b"\x00" * 10], ids=["text", "zeros"])
+def test_corrupt_checkpoints_are_refused_as_corrupt(tmp_path: Path, content: bytes) -> None:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(content)
+    with pytest.raises(InputError, match=r"corrupt\.pt' is corrupt or unreadable"):
+        load_checkpoint(corrupt)
+
+
+def test_empty_foreign_and_missing_checkpoints_are_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty\.pt' is corrupt or unreadable"):
+        load_checkpoint(empty)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(InputError, match=r"foreign\.pt' is not a penrun checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(InputError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_payload_loads_with_weights_only(tmp_path: Path) -> None:
+    net = torch.nn.Linear(3, 2)
+    opt = build_optimizer("adam", net.parameters(), 1e-3, 0.0)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    generator = torch.Generator().manual_seed(3)
+    payload = checkpoint_payload(
+        {"seed": 1}, {"model": net}, {"optimizer": opt}, {"synthetic": generator}, 2, [{"epoch": 1}]
+    )
+    save_torch(tmp_path / "last.pt", payload)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["format"] == CHECKPOINT_FORMAT == "penrun-checkpoint-v2"
+    assert (ckpt["epoch"], ckpt["config"], ckpt["history"]) == (2, {"seed": 1}, [{"epoch": 1}])
+    assert torch.equal(ckpt["modules"]["model"]["weight"], net.weight)
+    numpy_state = ckpt["rng"][0]["global"]["numpy"]
+    assert isinstance(numpy_state, dict) and isinstance(numpy_state["keys"], torch.Tensor)
+    assert torch.equal(ckpt["rng"][0]["generators"]["synthetic"], generator.get_state())
+
+
+def test_checkpoints_of_the_previous_format_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    """penrun-checkpoint-v1 (NumPy's state as an ndarray, before 2026-11-26 one global state and no
+    generators) needs unpickling code: v2 refuses it and says to re-create it. (This replaces the
+    test that v1's rng layout still resumed: no v1 file loads any more.)"""
+    old = tmp_path / "v1.pt"
+    seed_everything(11)
+    torch.save(
+        {
+            "format": "penrun-checkpoint-v1",
+            "epoch": 1,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+        },
+        old,
+    )
+    with pytest.raises(
+        InputError,
+        match=r"^refusing to load checkpoint '.*v1\.pt'.*re-create this one with this version of penrun$",
+    ):
+        load_checkpoint(old)
+    tensors_only = tmp_path / "v1_tensors.pt"
+    torch.save({"format": "penrun-checkpoint-v1", "epoch": 1}, tensors_only)
+    with pytest.raises(
+        InputError, match=r"is not a penrun checkpoint \(expected format 'penrun-checkpoint-v2'\)"
+    ):
+        load_checkpoint(tensors_only)
+
+
+def test_each_rank_restores_its_own_random_states() -> None:
+    """The rng entry holds one state per rank (rank order); a rank beyond them takes rank 0's."""
+    generator = torch.Generator().manual_seed(5)
+    seed_everything(11)
+    states = [{"global": rng_state(), "generators": {"synthetic": generator.get_state()}}]
+    expected, expected_gen = torch.rand(3), torch.rand(2, generator=generator)
+    seed_everything(12)
+    other = torch.Generator().manual_seed(6)
+    restore_random_states(states, {"synthetic": other, "unknown": torch.Generator().manual_seed(1)})
+    assert torch.equal(torch.rand(3), expected) and torch.equal(torch.rand(2, generator=other), expected_gen)
+
+
+# ---------------------------------------------------------------- schedule, optimizers, batches
+@pytest.mark.parametrize("position", [0.0, 0.25, 0.5, 0.999, 1.0])
+def test_cosine_schedule_is_the_closed_form(position: float) -> None:
+    assert lr_factor("cosine", position) == pytest.approx(0.5 * (1 + math.cos(math.pi * position)), abs=1e-15)
+    assert lr_factor("constant", position) == 1.0
+
+
+def test_cosine_schedule_at_its_ends() -> None:
+    assert lr_factor("cosine", 0.0) == 1.0
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.5, abs=1e-15)
+    assert lr_factor("cosine", 1.0) == pytest.approx(0.0, abs=1e-15)
+    assert SCHEDULES == ("cosine", "constant")
+
+
+def test_optimizers_and_the_argument_named_error() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    kinds = {name: type(build_optimizer(name, params, 0.1, 0.0)).__name__ for name in OPTIMIZERS}
+    assert kinds == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+    with pytest.raises(
+        ValueError, match=r"^optimizer='lbfgs' is invalid; valid: \['adam', 'adamw', 'sgd'\]$"
+    ):
+        build_optimizer("lbfgs", params, 0.1, 0.0)
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        return torch.cat(list(epoch_batches(103, 10, shuffle=True, seed=seed, epoch=epoch))).tolist()
+
+    reference = order(3, 2)
+    torch.manual_seed(123)  # the global random state plays no part
+    torch.rand(7)
+    assert order(3, 2) == reference and sorted(reference) == list(range(103))
+    assert order(3, 3) != reference and order(4, 2) != reference
+    sizes = [len(b) for b in epoch_batches(103, 10, shuffle=True, seed=3, epoch=2, drop_last=True)]
+    assert sizes == [10] * 10
+    assert [b.tolist() for b in epoch_batches(6, 2, shuffle=False)] == [[0, 1], [2, 3], [4, 5]]
+    # A last batch of one joins the one before (batch norm cannot train on one example).
+    assert [b.tolist() for b in epoch_batches(5, 2, shuffle=False)] == [[0, 1], [2, 3, 4]]
+    for n, size, drop in ((5, 2, False), (6, 2, False), (103, 10, True), (103, 10, False), (1, 4, False)):
+        batches = list(epoch_batches(n, size, shuffle=True, seed=1, drop_last=drop))
+        assert len(batches) == num_batches(n, size, drop), (n, size, drop)
+
+
+# ---------------------------------------------------------------- random states
+def draw_all() -> tuple:
+    return (
+        random.random(),
+        np.random.random(3).tolist(),
+        np.random.standard_normal(),
+        torch.rand(3).tolist(),
+    )
+
+
+def test_random_states_round_trip_for_python_numpy_and_torch() -> None:
+    seed_everything(7)
+    draw_all()
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    state = rng_state()
+    expected = draw_all()
+    seed_everything(99)
+    assert draw_all() != expected
+    set_rng_state(state)
+    assert draw_all() == expected
+    # A state survives a weights_only round trip through a checkpoint file, as in a resume.
+    set_rng_state(state)
+    assert {"python", "numpy", "torch"} <= state.keys()
+    assert isinstance(state["numpy"]["keys"], torch.Tensor)
+
+
+def test_random_states_survive_a_checkpoint_file(tmp_path: Path) -> None:
+    seed_everything(5)
+    save_torch(tmp_path / "state.pt", {"rng": rng_state()})
+    expected = draw_all()
+    seed_everything(6)
+    set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert draw_all() == expected
