@@ -8,6 +8,9 @@ import errno
 import hashlib
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from penrun.app.cli import main
 from penrun.train import files
 from penrun.train.checkpoint import CHECKPOINT_FORMAT
 from penrun.train.loop import NonFiniteWatch, TrainingDiverged
+
+from conftest import killer_script
 
 # A tiny digits job: a teacher of one epoch on 200 images.
 TINY = ["trainer.progress=false", "trainer.max_epochs=1", "data.limit_train=200"]
@@ -108,16 +113,48 @@ def test_a_planted_pickle_runs_no_code(entry: str, in_tmp: Path, capsys: pytest.
 
 
 # ---------------------------------------------------------------- 2. numbers from the config alone
-@pytest.mark.parametrize("task", ["vae", "gan"])
-def test_generation_is_the_same_cold_and_warm(task: str, in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
-    args = [f"task={task}", *TINY, *TINY_TEACHER, "evaluator_trainer.max_epochs=1", "net@evaluator=mlp_small"]
-    args += ["evaluator_trainer.progress=false", "gen.eval_per_class=5", "gen.width=8"]
-    assert penrun(args, capsys)[0] == 0  # cold: trains and caches the teacher and the evaluator
+GENERATION = [*TINY, *TINY_TEACHER, "evaluator_trainer.max_epochs=1", "net@evaluator=mlp_small"]
+GENERATION += ["evaluator_trainer.progress=false", "gen.eval_per_class=5", "gen.width=8"]
+CACHED = {
+    "vae": ["task=vae", *GENERATION],
+    "gan": ["task=gan", *GENERATION],
+    "distill": [
+        *["task=distill", *TINY, *TINY_TEACHER],
+        *["transfer.limit_train=200", "method=ce_dirichlet", "distill.labels=all"],
+    ],
+}
+
+
+@pytest.mark.parametrize("task", sorted(CACHED))
+def test_the_numbers_are_the_same_cold_and_warm(
+    task: str, in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = CACHED[task]
+    assert penrun(args, capsys)[0] == 0  # cold: trains and caches the teacher (and the evaluator)
     (run,) = (in_tmp / "outputs/runs" / task).iterdir()
     cold = metrics_of(run)
     os.rename(run, in_tmp / "cold")
-    assert penrun(args, capsys)[0] == 0  # warm: both come from the cache
+    assert penrun(args, capsys)[0] == 0  # warm: they come from the cache
     assert metrics_of(run) == cold
+
+
+def test_a_kill_right_after_the_caches_resumes_to_the_same_numbers(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = CACHED["vae"]
+    assert penrun(args, capsys)[0] == 0
+    (run,) = (in_tmp / "outputs/runs/vae").iterdir()
+    uninterrupted = metrics_of(run)
+    shutil.rmtree(in_tmp / "outputs")
+    # 200 images in batches of 64: 4 steps train the teacher, 4 the evaluator; the VAE's first
+    # step is the 9th of the process, after both caches were written.
+    script = in_tmp / "kill.py"
+    script.write_text(killer_script(args, kill_at=9))
+    killed = subprocess.run([sys.executable, str(script)], cwd=in_tmp, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert (in_tmp / "outputs/evaluators").is_dir() and not (run / "metrics.json").exists()
+    assert penrun(args, capsys)[0] == 0
+    assert metrics_of(run) == uninterrupted
 
 
 # ---------------------------------------------------------------- 3. unreadable metrics.json
