@@ -358,6 +358,25 @@ def test_a_finished_run_is_reused_from_a_read_only_folder(
     assert "cannot be written to (read-only?)" in line
 
 
+def test_a_read_only_sweep_folder_is_reported_elsewhere(
+    in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert penrun(["-m", "task=train_teacher", "seed=0,1", *TINY], capsys)[0] == 0
+    sweep = in_tmp / "outputs/multirun/train_teacher"
+    real_write = files.atomic_write
+
+    def read_only_sweep(path: Path, write) -> None:
+        if sweep in path.parents:
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        real_write(path, write)
+
+    monkeypatch.setattr("penrun.app.tasks.report.atomic_write", read_only_sweep)
+    code, _ = penrun(["task=report", f"sweep_dir={sweep}", "trainer.progress=false"], capsys)
+    assert code == 0 and not (sweep / "report.md").exists()
+    (report,) = (in_tmp / "outputs/runs/report").glob("*/report.md")
+    assert "2 complete runs" in report.read_text()
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_files(
     in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from penrun.app.config import job_folder
 from penrun.app.errors import ConfigError
 from penrun.app.sweeps import FAILED_FILE, job_state
 from penrun.train.files import atomic_write
@@ -125,8 +126,11 @@ def render(
     columns: list[str] | None,
     values: list[str] | None,
     curve: str | None,
+    out_dir: Path | None = None,
 ) -> str:
-    """Write report.md, report.csv and curves.png into sweep_dir; return the Markdown."""
+    """Write report.md, report.csv and curves.png into out_dir (default: sweep_dir); return
+    the Markdown."""
+    out_dir = out_dir or sweep_dir
     runs, missing = collect(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no complete run under {sweep_dir} ({len(missing)} incomplete)")
@@ -146,12 +150,12 @@ def render(
         text += ["", f"## Missing or incomplete runs ({len(missing)})", ""]
         text += [f"- `{folder.relative_to(sweep_dir)}`: {why}" for folder, why in missing]
     report = "\n".join(text) + "\n"
-    atomic_write(sweep_dir / "report.md", lambda p: p.write_text(report))
+    atomic_write(out_dir / "report.md", lambda p: p.write_text(report))
     buf = io.StringIO()
     csv.writer(buf).writerows(csv_rows)
-    atomic_write(sweep_dir / "report.csv", lambda p: p.write_text(buf.getvalue()))
+    atomic_write(out_dir / "report.csv", lambda p: p.write_text(buf.getvalue()))
     if curve:
-        plot_curves(runs, rows + columns, curve, sweep_dir / "curves.png")
+        plot_curves(runs, rows + columns, curve, out_dir / "curves.png")
     return report
 
 
@@ -190,18 +194,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **layout_from_runs(sweep_dir),
         **{k: v for k, v in OmegaConf.to_container(cfg.report).items() if v},
     }
+    table_layout = [layout.get(key) for key in ("rows", "columns", "values", "curve")]
+    out_dir = sweep_dir
     try:
-        text = render(
-            sweep_dir,
-            layout.get("rows"),
-            layout.get("columns"),
-            layout.get("values"),
-            layout.get("curve"),
-        )
+        try:
+            text = render(sweep_dir, *table_layout)
+        except PermissionError:  # a read-only sweep folder: the report goes to this job's folder
+            out_dir = job_folder()
+            text = render(sweep_dir, *table_layout, out_dir=out_dir)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from err
     log.info(text)
-    log.info(f"wrote {sweep_dir / 'report.md'}, report.csv" + (", curves.png" if layout.get("curve") else ""))
+    log.info(f"wrote {out_dir / 'report.md'}, report.csv" + (", curves.png" if layout.get("curve") else ""))
     return {"task": "report", "sweep_dir": str(sweep_dir)}
 
 
