@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from penrun.app import (
     sweeps,
 )
 from penrun.app.config import close_folders, job_folder
+from penrun.app.errors import composition_error
 from penrun.app.tasks import get_task
 from penrun.errors import InputError
 from penrun.train import distributed
@@ -50,34 +50,38 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         get_task(cfg.task.name)(cfg)
     except Exception as err:
-        # A sweep records why a job failed (the sweep goes on); a single run says it and stops.
-        # A folder that holds another run is never written to; a refused single run leaves no
-        # folder of its own behind.
-        if sweep and not isinstance(err, FolderRefused):
-            sweeps.record_failure(folder, err)
-        if sweep:
-            print(f"penrun: job {folder} failed: {type(err).__name__}: {err}", file=sys.stderr)
-            return
-        if isinstance(err, InputError):
-            close_folders()
-            if not isinstance(err, FolderRefused):  # the folder is another run's: never touched
-                discard_unstarted(folder)
-            fail(str(err))
-        sweeps.record_failure(folder, err)
-        if isinstance(err, TrainingDiverged):
-            fail(str(err), status=1)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            fail(
-                f"no space left on device writing {err.filename or folder}: free space, then run the "
-                "same command again to resume (the files already written are intact)",
-                status=1,
-            )
-        raise
+        report_failure(err, folder, sweep)
     else:
         sweeps.clear_failure(folder)
     finally:
         close_folders()
         distributed.shutdown()
+
+
+def report_failure(err: Exception, folder: Path, sweep: bool) -> None:
+    """A sweep records why a job failed (failed.json) and goes on; a single run says it in
+    one line and stops, unless the error is a bug (then its traceback). A folder that holds
+    another run is never written to; a refused single run leaves no folder of its own."""
+    if sweep:
+        if not isinstance(err, FolderRefused):
+            sweeps.record_failure(folder, err)
+        print(f"penrun: job {folder} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return
+    if isinstance(err, InputError):
+        close_folders()
+        if not isinstance(err, FolderRefused):
+            discard_unstarted(folder)
+        fail(str(err))
+    sweeps.record_failure(folder, err)
+    if isinstance(err, TrainingDiverged):
+        fail(str(err), status=1)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        fail(
+            f"no space left on device writing {err.filename or folder}: free space, then run the "
+            "same command again to resume (the files already written are intact)",
+            status=1,
+        )
+    raise err
 
 
 def main() -> None:
@@ -89,7 +93,7 @@ def main() -> None:
         fail(str(err))
     if distributed.launched_rank() > 0:
         # Ranks other than 0 print nothing and leave Hydra's files to rank 0.
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+        sys.argv.append("hydra/job_logging=disabled")
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     # Hydra's composition errors (an unknown key, a value of the wrong type) reach us as
     # exceptions, to be told in one line, instead of Hydra's report with exit status 1.
@@ -114,22 +118,6 @@ def discard_unstarted(folder: Path) -> None:
     penrun may have written only its start files there."""
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".hydra", ".lock", "penrun.log"}:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def composition_error(err: Exception) -> str:
-    """One line from Hydra's and OmegaConf's errors: the key, the value and what is valid."""
-    cause = err if getattr(err, "full_key", None) else err.__cause__
-    if getattr(cause, "full_key", None) and getattr(cause, "msg", None):
-        reason = cause.msg.splitlines()[0]
-        if cause.value is not None:
-            return f"{cause.full_key}={cause.value!r} is invalid: {reason}"
-        return f"{cause.full_key}: {reason}"
-    text = " ".join(str(err).split())
-    node = re.search(r"full_key: (\S+) .*object_type=NoneType", text)
-    if node:  # a node of another task (null here) given a value
-        return f"{node.group(1)} cannot be set here: the chosen task does not use it"
-    # Hydra's "Could not find 'net/nope'" lists the options, then its search path: keep the options.
-    return text.split(" Config search path")[0]
 
 
 if __name__ == "__main__":

@@ -27,3 +27,19 @@ def config_keys(**keys: str) -> Iterator[None]:
         for argument, key in keys.items():
             message = re.sub(rf"(?<![\w.]){re.escape(argument)}=", f"{key}=", message)
         raise ConfigError(message) from err
+
+
+def composition_error(err: Exception) -> str:
+    """One line from Hydra's and OmegaConf's errors: the key, the value and what is valid."""
+    cause = err if getattr(err, "full_key", None) else err.__cause__
+    if getattr(cause, "full_key", None) and getattr(cause, "msg", None):
+        reason = cause.msg.splitlines()[0]
+        if cause.value is not None:
+            return f"{cause.full_key}={cause.value!r} is invalid: {reason}"
+        return f"{cause.full_key}: {reason}"
+    text = " ".join(str(err).split())
+    node = re.search(r"full_key: (\S+) .*object_type=NoneType", text)
+    if node:  # a node of another task (null here) given a value
+        return f"{node.group(1)} cannot be set here: the chosen task does not use it"
+    # Hydra's "Could not find 'net/nope'" lists the options, then its search path: keep the options.
+    return text.split(" Config search path")[0]

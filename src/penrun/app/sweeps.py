@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from penrun.app.config import run_config
-from penrun.app.errors import ConfigError
+from penrun.app.errors import ConfigError, composition_error
 from penrun.app.schema import RUNTIME_KEYS
 from penrun.errors import InputError
 from penrun.train import distributed
@@ -219,6 +219,9 @@ class SweepCallback(Callback):
             check_same_configs(self.jobs)
         except InputError as err:
             print(f"penrun: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as err:  # composing a job's config: a bad value in the sweep
+            print(f"penrun: error: {composition_error(err)}", file=sys.stderr)
             sys.exit(2)
         print(describe_plan(config.hydra.sweep.dir, self.jobs))
 
