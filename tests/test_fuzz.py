@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,9 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from penrun.app.cli import main
-
-from conftest import compose_config
+from conftest import compose_config, run_main
 
 # Work-size keys stay fixed so that every drawn job is tiny; everything else may be drawn.
 FIXED = {
@@ -69,20 +65,6 @@ def commands(draw: st.DrawFn) -> list[str]:
     return [f"task={task}", *fixed, *drawn]
 
 
-def run_in(folder: Path, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    cwd = Path.cwd()
-    os.chdir(folder)
-    sys.argv = ["penrun", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    finally:
-        os.chdir(cwd)
-    return code, capsys.readouterr().err
-
-
 def finite(value: object) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
@@ -95,7 +77,8 @@ def finite(value: object) -> bool:
 
 def check_outcome(args: list[str], capsys: pytest.CaptureFixture) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        code, err = run_in(Path(tmp), args, capsys)
+        done = run_main(args, Path(tmp), capsys)
+        code, err = done.returncode, done.stderr
         runs = sorted(Path(tmp, "outputs", "runs").glob("*/*"))
         if code == 0:
             (run,) = runs

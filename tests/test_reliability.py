@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from penrun.app.cli import main
 from penrun.train import files
 from penrun.train.checkpoint import CHECKPOINT_FORMAT
 from penrun.train.loop import NonFiniteWatch, TrainingDiverged
 
-from conftest import killer_script
+from conftest import killer_script, run_main
 
 # A tiny digits job: a teacher of one epoch on 200 images.
 TINY = ["trainer.progress=false", "trainer.max_epochs=1", "data.limit_train=200"]
@@ -31,14 +30,9 @@ TINY_TEACHER = ["teacher_trainer.max_epochs=1", "teacher_trainer.progress=false"
 
 
 def penrun(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    """`penrun ARGS` in this process (as the console script runs it): exit status and stderr."""
-    sys.argv = ["penrun", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    return code, capsys.readouterr().err
+    """`penrun ARGS` in this process, in the current folder: exit status and stderr."""
+    done = run_main(args, Path.cwd(), capsys)
+    return done.returncode, done.stderr
 
 
 def one_line_error(code: int, err: str) -> str:
