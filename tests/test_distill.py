@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from penrun.app.errors import ConfigError
 from penrun.core.losses import (
     LOSSES,
+    DistillBatch,
+    DistillSetup,
     class_similarity,
     dirichlet_targets,
     entropy,
@@ -18,9 +22,11 @@ from penrun.core.losses import (
     smoothed_targets,
     soft_cross_entropy,
     synthetic_soft_targets,
+    total_loss,
 )
 from penrun.core.penultimate import PenultimateModel
 from penrun.models import build_classifier
+from penrun.models.classifiers import CosineHead
 
 from conftest import Teachers, run_main, run_task
 
@@ -368,3 +374,118 @@ def test_align_classes_maps_stl10_into_cifar10() -> None:
     aligned = align_classes(data, "cifar10")
     assert aligned.y_train.tolist() == [0, 2, 1, 3, 4, 5, 7, 8, 9]  # car <-> bird swapped, no monkey
     assert align_classes(data, "mnist") is data
+
+
+def test_synthetic_activations_are_classified_as_their_class():
+    """An activation drawn for class y is classified as y by the teacher's cosine head
+    (s = 16, ten random unit directions in d = 64) in most draws: about 0.66 of them,
+    against 0.1 by chance, so >= 0.5 cannot pass by accident (sampling sd ~0.02). Fails if
+    activations are drawn for class (y + 1) % K."""
+    g = torch.Generator().manual_seed(0)
+    head = CosineHead(64, 10, scale=16.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(10, 64, generator=g))
+    teacher = nn.Module()
+    teacher.head = head
+    model = PenultimateModel.from_head(head.effective_weight().detach(), None, radius=1.0)
+    y = torch.arange(500) % 10
+    a, targets = synthetic_soft_targets(model, teacher, y, 4.0, g)
+    with torch.no_grad():
+        hits = (head(a).argmax(1) == y).float().mean().item()
+    assert hits >= 0.5
+    assert (targets.argmax(1) == y).float().mean().item() >= 0.5
+    np.testing.assert_allclose(targets.sum(1).numpy(), 1.0, rtol=1e-6)
+
+
+class _Toy(nn.Module):
+    """A fixed classifier: features(x) = x @ A, head = a linear layer with given weights."""
+
+    def __init__(self, features: list[list[float]], head_w: list[list[float]], head_b: list[float]):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(features, dtype=torch.float64))
+        self.head = nn.Linear(len(head_w[0]), len(head_w), dtype=torch.float64)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor(head_w, dtype=torch.float64))
+            self.head.bias.copy_(torch.tensor(head_b, dtype=torch.float64))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.a
+
+
+def _toy_batch(y: torch.Tensor | None, tau: float = 2.0, epsilon: float = 0.1) -> DistillBatch:
+    teacher = _Toy(
+        [[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]], [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [0.0, 0.5, -1.0]
+    )
+    student = _Toy(
+        [[0.5, 1.0], [-1.0, 0.0], [0.0, 2.0]], [[1.0, -1.0], [0.5, 0.5], [0.0, 1.0]], [0.1, 0.0, 0.2]
+    )
+    weight = teacher.head.weight.detach()
+    setup = DistillSetup(
+        teacher=teacher,
+        model=PenultimateModel.from_head(weight, teacher.head.bias.detach()),
+        tau=tau,
+        similarity=class_similarity(weight),
+        dirichlet_beta=1.0,
+        smooth_epsilon=epsilon,
+        synthetic_batch=4,
+        generator=torch.Generator().manual_seed(0),
+    )
+    x = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, 2.0, 1.0], [-1.0, 1.0, 0.5], [0.5, -0.5, 2.0]], dtype=torch.float64
+    )
+    return DistillBatch(setup, student, x, y)
+
+
+def _np_log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def _np_outputs(b: DistillBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(teacher features, teacher logits, student features, student logits) in numpy."""
+    x = b.x.numpy()
+    out = []
+    for net in (b.setup.teacher, b.student):
+        f = x @ net.a.detach().numpy()
+        out += [f, f @ net.head.weight.detach().numpy().T + net.head.bias.detach().numpy()]
+    return out[0], out[1], out[2], out[3]
+
+
+def test_loss_terms_on_a_hand_built_case():
+    """kd = tau^2 KL(softmax(t/tau) || softmax(s/tau)), feature = 1 - mean cosine, ce, and
+    total_loss = sum of weight * term, all against numpy. Fails if kd drops tau^2, swaps the
+    KL's arguments or softens only one side; if feature uses the cosine over the batch axis;
+    or if total_loss ignores the weights."""
+    tau = 2.0
+    y = torch.tensor([0, 2, 1, 1])
+    b = _toy_batch(y, tau)
+    ft, lt, fs, ls = _np_outputs(b)
+    log_pt, log_ps = _np_log_softmax(lt / tau), _np_log_softmax(ls / tau)
+    kd = tau**2 * (np.exp(log_pt) * (log_pt - log_ps)).sum(1).mean()
+    cos = (ft * fs).sum(1) / np.linalg.norm(ft, axis=1) / np.linalg.norm(fs, axis=1)
+    feature = 1 - cos.mean()
+    ce = -_np_log_softmax(ls)[np.arange(4), y.numpy()].mean()
+    assert LOSSES["kd"](b).item() == pytest.approx(kd, rel=1e-10)
+    assert LOSSES["feature"](b).item() == pytest.approx(feature, rel=1e-10)
+    assert LOSSES["ce"](b).item() == pytest.approx(ce, rel=1e-10)
+    total, logs = total_loss(b, {"kd": 0.5, "feature": 2.0, "ce": 0.25, "smooth": 0.0})
+    assert total.item() == pytest.approx(0.5 * kd + 2.0 * feature + 0.25 * ce, rel=1e-10)
+    assert set(logs) == {"kd", "feature", "ce"}
+    assert logs["kd"].item() == pytest.approx(kd, rel=1e-10)
+
+
+def test_unlabeled_classes_are_the_teachers_argmax():
+    """With y None the classes are the teacher's argmax (computed in numpy), and the smooth
+    term is tau^2 KL(smoothed(argmax) || softmax(s/tau)) by hand. Fails if the unlabeled
+    classes come from the student's logits or from the teacher's argmin."""
+    tau, eps = 2.0, 0.1
+    b = _toy_batch(None, tau, eps)
+    _, lt, _, ls = _np_outputs(b)
+    classes = lt.argmax(1)
+    assert len(set(classes)) > 1 and not np.array_equal(classes, ls.argmax(1))
+    assert b.classes.tolist() == classes.tolist()
+    targets = np.full((4, 3), eps / 2)
+    targets[np.arange(4), classes] = 1 - eps
+    log_ps = _np_log_softmax(ls / tau)
+    smooth = tau**2 * (targets * (np.log(targets) - log_ps)).sum(1).mean()
+    assert LOSSES["smooth"](b).item() == pytest.approx(smooth, rel=1e-6)

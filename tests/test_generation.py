@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from penrun.app.errors import ConfigError
+from penrun.app.tasks import gan as gan_task
+from penrun.app.tasks import vae as vae_task
 from penrun.core.conditions import ConditionSampler, balanced_labels, generate, sample_grid, to_uint8
 from penrun.core.metrics import (
     frechet_distance,
@@ -21,6 +24,7 @@ from penrun.core.metrics import (
 )
 from penrun.core.penultimate import PenultimateModel
 from penrun.models import build_classifier
+from penrun.models.generative import hinge_d_loss, hinge_g_loss
 from penrun.train.checkpoint import CHECKPOINT_FORMAT
 from penrun.train.files import save_torch
 
@@ -270,7 +274,7 @@ def test_evaluator_for_other_classes_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- slow: MNIST
 # Chance is 0.1. Measured on 2026-11-25 with these settings: cond_acc 0.23 with the paper's
 # kappa from the weights (its samples are far less concentrated than the real activations the
-# VAE was trained on, METHOD.md section 2) and 0.70 with the fitted kappa (used here). The
+# VAE was trained on, docs/method.md#3-sampling) and 0.70 with the fitted kappa (used here). The
 # threshold is far above chance and below the measurement: only a decoder that maps draws of
 # p(a | y) to images of class y gets there, and it never saw a label.
 THRESHOLD = 0.5
@@ -294,3 +298,47 @@ def test_vae_on_mnist_teacher_activations_generates_the_asked_class(tmp_path: Pa
     metrics = run_task(overrides, tmp_path / "run", data_dir)
     assert metrics["evaluator_real_acc"] > 0.9  # measured 0.926: the evaluator can judge
     assert metrics["cond_acc"] > THRESHOLD
+
+
+def test_hinge_losses_closed_form():
+    """hinge_d = mean(max(0, 1 - D(real))) + mean(max(0, 1 + D(fake))) and hinge_g =
+    -mean(D(fake)), on hand-picked scores: (0 + 0.5 + 2)/3 + (0 + 1.3 + 2)/3 and 0.7/3. Fails
+    if the hinges are swapped (1 + real, 1 - fake) or the generator loss is mean(D(fake))."""
+    real = torch.tensor([2.0, 0.5, -1.0], dtype=torch.float64)
+    fake = torch.tensor([-2.0, 0.3, 1.0], dtype=torch.float64)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(2.5 / 3 + 3.3 / 3, rel=1e-12)
+    assert hinge_g_loss(fake).item() == pytest.approx(0.7 / 3, rel=1e-12)
+
+
+def test_vae_kl_weight_warms_up_linearly():
+    """The KL weight is epoch / warmup_epochs, capped at 1, and 1 without a warm-up. Fails if
+    it divides by warmup_epochs + 1."""
+    assert [vae_task.kl_weight(e, 4) for e in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert vae_task.kl_weight(0, 0) == 1.0 and vae_task.kl_weight(3, 0) == 1.0
+
+
+def test_gan_consistency_loss_is_one_minus_mean_cosine():
+    """consistency = 1 - mean_i cos(teacher.features(fake_i), c_i), with features = identity
+    on hand-picked rows: cosines 1, 1/sqrt(2) and 0. Fails if the cosine is taken along the
+    batch axis or the raw dot product replaces it."""
+    teacher = SimpleNamespace(features=lambda x: x)
+    fake = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]], dtype=torch.float64)
+    c = torch.tensor([[1.0, 0.0], [0.6, 0.6], [0.0, 1.0]], dtype=torch.float64)
+    want = 1 - (1 + 1 / math.sqrt(2) + 0) / 3
+    assert gan_task.consistency_loss(teacher, fake, c).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_generation_metrics_cond_acc_and_diversity_by_hand():
+    """cond_acc is the mean of per-class accuracies ([1/2, 2/3] -> 7/12, not the pooled
+    3/5) and diversity the mean over classes of the mean pairwise distance (class 0: one
+    pair at distance 5; class 1: distances 1, 1, sqrt(2)). Fails if cond_acc pools all
+    images, or diversity pools the pairs of all classes."""
+    y = torch.tensor([0, 0, 1, 1, 1])
+    logits = torch.tensor([[2.0, 1.0], [0.0, 1.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 0.5]])
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 10.0], [11.0, 10.0], [10.0, 11.0]])
+    real = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    out = generation_metrics(features, logits, y, real, num_classes=2)
+    assert out["cond_acc_per_class"] == pytest.approx([0.5, 2 / 3])
+    assert out["cond_acc"] == pytest.approx(7 / 12)
+    assert out["diversity_per_class"] == pytest.approx([5.0, (2 + math.sqrt(2)) / 3])
+    assert out["diversity"] == pytest.approx((5.0 + (2 + math.sqrt(2)) / 3) / 2)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import special, stats
 
 from penrun.core.bessel import mean_cosine
 from penrun.core.penultimate import EmpiricalRadius, PenultimateModel, fit_kappa_from_activations
@@ -281,3 +283,55 @@ def test_fit_kappa_from_activations_recovers_kappa():
     torch.testing.assert_close(
         fit["mean_resultant_length"][:3].double(), mean_cosine(kappas, d), rtol=0.01, atol=0
     )
+
+
+def _scipy_log_c(d: int, kappa):
+    """log C_d(kappa) from scipy's exponentially scaled Bessel function (independent oracle)."""
+    kappa = np.asarray(kappa, dtype=np.float64)
+    v = d / 2 - 1
+    return v * np.log(kappa) - (d / 2) * np.log(2 * np.pi) - np.log(special.ive(v, kappa)) - kappa
+
+
+def _unequal_head(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=1)
+    norms = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    bias = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=torch.float64)
+    return directions * norms[:, None], bias
+
+
+def test_prior_with_unequal_row_norms_matches_scipy():
+    """pi_k(r) ~ exp(b_k) / C_d(r |w_k|) against scipy.special.ive, for r > 0, unequal |w_k|
+    and nonzero biases. Fails if the prior uses the mean weight norm for every class, drops
+    the biases, or uses +log C_d."""
+    weight, bias = _unequal_head()
+    model = PenultimateModel.from_head(weight, bias)
+    radii = [0.7, 2.5]
+    got = model.prior(torch.tensor(radii, dtype=torch.float64)).numpy()
+    norms = np.linalg.norm(weight.numpy(), axis=1)
+    for i, r in enumerate(radii):
+        logits = bias.numpy() - _scipy_log_c(6, r * norms)
+        want = np.exp(logits - logits.max())
+        want /= want.sum()
+        np.testing.assert_allclose(got[i], want, rtol=1e-9, atol=1e-12)
+    # the prior is far from softmax(b) here, so a per-class-norm bug cannot pass by luck
+    plain = np.exp(bias.numpy()) / np.exp(bias.numpy()).sum()
+    assert np.abs(got[1] - plain).max() > 0.1
+
+
+def test_sampled_labels_follow_prior_at_mean_radius():
+    """Labels of sample(n) without y follow pi(r) at the mean radius over classes, checked
+    with a chi-square test against the scipy prior (fixed seed; p > 1e-3). Fails if the
+    prior uses the mean weight norm for every class, drops the biases, or is taken at r = 1
+    instead of the mean radius."""
+    weight, bias = _unequal_head()
+    radius = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    model = PenultimateModel.from_head(weight, bias, radius=radius)
+    n = 20000
+    _, y = model.sample(n, generator=torch.Generator().manual_seed(0))
+    counts = np.bincount(y.numpy(), minlength=4)
+    norms = np.linalg.norm(weight.numpy(), axis=1)
+    logits = bias.numpy() - _scipy_log_c(6, 2.5 * norms)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    assert stats.chisquare(counts, n * probs).pvalue > 1e-3

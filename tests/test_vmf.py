@@ -278,3 +278,30 @@ def test_cuda_sampling():
     assert ((t.mean(0) - a).abs() < 4 * t.std(0) / math.sqrt(5000) + 1e-6).all()
     with pytest.raises(ValueError, match="generator must be on the samples' device"):
         dist.sample((2,), generator=torch.Generator().manual_seed(0))
+
+
+def test_tangent_direction_is_isotropic_with_one_mu_per_row():
+    """On the one-direction-per-row path (mu (K, d), kappa (K,), index), the samples of one
+    class have a component orthogonal to mu_k with mean ~0 and equal variance along two
+    orthonormal vectors orthogonal to mu_k (one of them along another class's direction).
+    n = 4000, d = 5: each coordinate's mean is within 5 standard errors of 0 and the variance
+    ratio within 1 +- 0.15 (its sd is ~0.03). Fails if the tangent noise is drawn from
+    uniform(0, 1) instead of a Gaussian, or the Gram-Schmidt step removes the first row's
+    direction instead of each row's own."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.nn.functional.normalize(torch.randn(3, 5, generator=g, dtype=torch.float64), dim=1)
+    kappa = torch.tensor([2.0, 5.0, 1.0], dtype=torch.float64)
+    index = torch.tensor([0, 1, 2] * 4000)
+    x = sample_vmf(mu, kappa[index], index, generator=g)
+    m = mu[1].numpy()
+    xs = x[index == 1].numpy()
+    tangent = xs - np.outer(xs @ m, m)
+    n = len(tangent)
+    assert np.all(np.abs(tangent.mean(0)) < 5 * tangent.std(0) / np.sqrt(n))
+    u1 = mu[0].numpy() - (mu[0].numpy() @ m) * m
+    u1 /= np.linalg.norm(u1)
+    u2 = np.random.default_rng(0).normal(size=5)
+    u2 -= (u2 @ m) * m + (u2 @ u1) * u1
+    u2 /= np.linalg.norm(u2)
+    ratio = (tangent @ u1).var() / (tangent @ u2).var()
+    assert abs(ratio - 1) < 0.15
