@@ -403,3 +403,40 @@ def test_atomic_writes_are_flushed_and_orphans_removed(
         orphan.write_bytes(b"half a file")
     assert penrun(args, capsys)[0] == 0  # the folder is opened again (and reused)
     assert not any(orphan.exists() for orphan in orphans)
+
+
+# ---------------------------------------------------------------- resume restores every random state
+# Kill points: 200 images in batches of 64 make 4 steps a epoch (the GAN drops the last
+# partial batch and steps twice per batch: 6); the teacher and the evaluator train 4 steps
+# each first. Each kill falls in the second epoch, after last.pt of the first was written.
+RESUMED = {
+    "vae": (["task=vae", *GENERATION, "trainer.max_epochs=2"], 4 + 4 + 4 + 2),
+    "gan": (["task=gan", *GENERATION, "trainer.max_epochs=2"], 4 + 4 + 6 + 2),
+    "ce_dirichlet": ([*CACHED["distill"], "trainer.max_epochs=2"], 4 + 4 + 2),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ce_dirichlet", "vae", pytest.param("gan", marks=pytest.mark.slow)],  # gan: as vae, slower
+)
+def test_a_run_killed_in_its_second_epoch_resumes_bit_identically(
+    name: str, in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """These tasks draw from the global random state while training (the VAE's and GAN's
+    noise, the Dirichlet targets): fails if resume does not restore it."""
+    args, kill_at = RESUMED[name]
+    script = in_tmp / "kill.py"
+    script.write_text(killer_script(args, kill_at=kill_at))
+    (in_tmp / "killed").mkdir()
+    killed = subprocess.run(
+        [sys.executable, str(script)], cwd=in_tmp / "killed", capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run,) = (in_tmp / "killed/outputs/runs").glob("*/*")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "running"
+    assert run_main(args, in_tmp / "killed", capsys).returncode == 0
+    (in_tmp / "whole").mkdir()
+    assert run_main(args, in_tmp / "whole", capsys).returncode == 0
+    (whole,) = (in_tmp / "whole/outputs/runs").glob("*/*")
+    assert metrics_of(run) == metrics_of(whole)
