@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,40 +191,30 @@ class PenrunConfig:
 ConfigStore.instance().store(name="penrun_schema", node=PenrunConfig)
 
 
-def _schema_of(f: dataclasses.Field) -> type | None:
-    """The schema of a nested node, if the field is one."""
-    factory = f.default_factory
-    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+def _nested_schemas(schema: type) -> dict[str, type]:
+    """The fields of a schema that are nodes of their own (optional ones too), with their schema."""
+    nested = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        kinds = [hint, *typing.get_args(hint)]
+        found = [k for k in kinds if isinstance(k, type) and dataclasses.is_dataclass(k)]
+        if found:
+            nested[name] = found[0]
+    return nested
 
 
 def _marked_fields(schema: type, prefix: str = "") -> dict[str, dict[str, Any]]:
-    """Every marked field of a schema, by its dotted key."""
+    """Every marked field of a schema and of its nested nodes, by its dotted key."""
+    nested = _nested_schemas(schema)
     marks: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(schema):
-        nested = _schema_of(f)
-        if nested is not None:
-            marks |= _marked_fields(nested, f"{prefix}{f.name}.")
+        if f.name in nested:
+            marks |= _marked_fields(nested[f.name], f"{prefix}{f.name}.")
         elif f.metadata:
             marks[f"{prefix}{f.name}"] = dict(f.metadata)
     return marks
 
 
-# The optional nodes of the root (null unless a task sets them), with their schema.
-_NESTED: dict[str, type] = {
-    "transfer": TransferConfig,
-    "distill": DistillConfig,
-    "fit": FitConfig,
-    "gen": GenConfig,
-    "vae": VaeConfig,
-    "gan": GanConfig,
-    "evaluator": NetConfig,
-    "evaluator_trainer": TrainerConfig,
-    "report": ReportConfig,
-}
-
-FIELD_MARKS: dict[str, dict[str, Any]] = _marked_fields(PenrunConfig) | {
-    key: mark for node, schema in _NESTED.items() for key, mark in _marked_fields(schema, f"{node}.").items()
-}
+FIELD_MARKS: dict[str, dict[str, Any]] = _marked_fields(PenrunConfig)
 
 RUNTIME_KEYS: tuple[str, ...] = tuple(key for key, mark in FIELD_MARKS.items() if mark.get("runtime"))
 
@@ -232,14 +223,14 @@ def check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
     """Refuse a key that the schema does not have (Hydra lets `+trainer.max_epoch=3` add
     one), naming the nearest real key."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    nested = _nested_schemas(schema)
     for key in node:
         if key not in fields:
             near = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid: {', '.join(fields)}"
             raise ConfigError(f"{prefix}{key} is not a key of penrun's config{hint}")
-        nested = _NESTED.get(f"{prefix}{key}") or _schema_of(fields[key])
-        if nested is not None and isinstance(node[key], DictConfig):
-            check_keys(node[key], nested, f"{prefix}{key}.")
+        if key in nested and isinstance(node[key], DictConfig):
+            check_keys(node[key], nested[key], f"{prefix}{key}.")
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -33,7 +33,7 @@ from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import load_checkpoint
 from penrun.train.files import save_json
-from penrun.train.run_folder import config_difference, read_metrics
+from penrun.train.run_folder import config_difference, read_json
 
 FAILED_FILE = "failed.json"
 STATUS_FILE = "sweep_status.json"
@@ -89,7 +89,7 @@ def check_launcher_plugins(argv: list[str]) -> None:
 def record_failure(folder: Path, err: BaseException) -> None:
     """failed.json in the job's folder: the error, its traceback, and how often it failed."""
     path = folder / FAILED_FILE
-    attempts = (read_metrics(path) or {}).get("attempts", 0)
+    attempts = (read_json(path) or {}).get("attempts", 0)
     save_json(
         path,
         {
@@ -110,11 +110,11 @@ def job_state(folder: Path) -> tuple[str, str]:
     """(state, description) of a job folder; state: complete, failed, interrupted or new. An
     unreadable metrics.json counts as interrupted: the job rebuilds it from last.pt."""
     metrics_path = folder / "metrics.json"
-    metrics = read_metrics(metrics_path) or {}
+    metrics = read_json(metrics_path) or {}
     if metrics.get("status") == "complete":
         return "complete", "complete"
     if (folder / FAILED_FILE).exists():
-        failure = read_metrics(folder / FAILED_FILE) or {"error": "failed.json unreadable", "attempts": "?"}
+        failure = read_json(folder / FAILED_FILE) or {"error": "failed.json unreadable", "attempts": "?"}
         return "failed", f"failed: {failure.get('error')} (attempt {failure.get('attempts')})"
     if metrics_path.exists() and not metrics:
         return "interrupted", "metrics.json unreadable (rebuilt from last.pt when the job runs)"
@@ -126,7 +126,7 @@ def job_state(folder: Path) -> tuple[str, str]:
 
 def stored_config(folder: Path) -> dict[str, Any] | None:
     """The config a job folder's run was made with (metrics.json, else last.pt), if any."""
-    metrics = read_metrics(folder / "metrics.json")
+    metrics = read_json(folder / "metrics.json")
     if metrics is not None:
         return metrics.get("config")
     last = folder / "checkpoints" / "last.pt"

@@ -76,7 +76,7 @@ class RunFolder:
         """The metrics of a finished run of the same config, else None. An unreadable
         metrics.json (truncated, edited) is rebuilt: the run resumes from last.pt, whose
         history holds every epoch's numbers, or starts afresh when there is none."""
-        metrics = read_metrics(self.metrics_path)
+        metrics = read_json(self.metrics_path)
         if metrics is None:
             if self.metrics_path.exists():
                 log.warning(f"{self.metrics_path} is unreadable: rebuilding it from last.pt")
@@ -150,8 +150,9 @@ class RunFolder:
             self._lock = None
 
 
-def read_metrics(path: Path) -> dict[str, Any] | None:
-    """A metrics.json as a dict; None when it is missing or unreadable."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file holding an object (metrics.json, failed.json) as a dict; None when it is
+    missing or unreadable."""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -189,22 +189,22 @@ def run_generation(
     return metrics
 
 
-def sample_images(model: Generative, s: GenerationSetup, labels: torch.Tensor, seed: int) -> torch.Tensor:
+def sample_images(model: Generative, setup: GenerationSetup, labels: torch.Tensor, seed: int) -> torch.Tensor:
     """uint8 images of the classes `labels`, from the networks in eval mode."""
     for module in model.modules.values():
         module.eval()
-    batch, device = s.settings.eval_batch_size, s.settings.device
-    return generate(model.decoder, s.sampler, labels, model.z_dim, seed, batch, device)
+    batch, device = setup.settings.eval_batch_size, setup.settings.device
+    return generate(model.decoder, setup.sampler, labels, model.z_dim, seed, batch, device)
 
 
 def write_samples(
-    folder: RunFolder, model: Generative, s: GenerationSetup, per_class: int, seed: int
+    folder: RunFolder, model: Generative, setup: GenerationSetup, per_class: int, seed: int
 ) -> None:
     """samples.png (one row per class) and the same grid in TensorBoard."""
-    images = sample_images(model, s, balanced_labels(s.data.num_classes, per_class), seed)
+    images = sample_images(model, setup, balanced_labels(setup.data.num_classes, per_class), seed)
     grid = sample_grid(images, per_class)
     save_image_grid(grid, folder.dir / "samples.png")
-    folder.writer.add_image("samples", grid, s.settings.max_epochs)
+    folder.writer.add_image("samples", grid, setup.settings.max_epochs)
 
 
 def summary(metrics: dict[str, Any]) -> str:

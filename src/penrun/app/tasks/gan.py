@@ -46,11 +46,11 @@ def consistency_loss(teacher: Classifier, fake: torch.Tensor, c: torch.Tensor) -
     return 1 - F.cosine_similarity(teacher.features(fake), c, dim=1).mean()
 
 
-def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
-    settings, data, device = s.settings, s.data, s.settings.device
+def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
+    settings, data, device = setup.settings, setup.data, setup.settings.device
     z_dim, width, weight = cfg.gen.z_dim, cfg.gen.width, float(cfg.gan.consistency)
-    gen = Generator(data.channels, data.image_size, s.sampler.dim, z_dim, width).to(device)
-    disc = ProjectionDiscriminator(data.channels, data.image_size, s.sampler.dim, width).to(device)
+    gen = Generator(data.channels, data.image_size, setup.sampler.dim, z_dim, width).to(device)
+    disc = ProjectionDiscriminator(data.channels, data.image_size, setup.sampler.dim, width).to(device)
     opts = {
         name: torch.optim.Adam(
             net.parameters(),
@@ -78,7 +78,7 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
         g_loss = hinge_g_loss(disc(fake, c))
         logs = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
         if weight > 0:
-            consistency = consistency_loss(s.teacher, fake, c)
+            consistency = consistency_loss(setup.teacher, fake, c)
             g_loss = g_loss + weight * consistency
             logs["consistency"] = consistency.detach()
         opts["generator"].zero_grad(set_to_none=True)
@@ -90,11 +90,11 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
         start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
         batches = device_batches(
             data.x_train,
-            s.conditions,
+            setup.conditions,
             settings.batch_size,
             device,
             shuffle=True,
-            seed=s.seed,
+            seed=setup.seed,
             epoch=epoch,
             drop_last=True,
         )

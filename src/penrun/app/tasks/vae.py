@@ -24,9 +24,9 @@ def kl_weight(epoch: int, warmup_epochs: int) -> float:
     return min(1.0, epoch / warmup_epochs) if warmup_epochs else 1.0
 
 
-def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
-    settings, data = s.settings, s.data
-    net = ConditionalVAE(data.channels, data.image_size, s.sampler.dim, cfg.gen.z_dim, cfg.gen.width).to(
+def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
+    settings, data = setup.settings, setup.data
+    net = ConditionalVAE(data.channels, data.image_size, setup.sampler.dim, cfg.gen.z_dim, cfg.gen.width).to(
         settings.device
     )
     optimizer = build_optimizer(settings.optimizer, net.parameters(), settings.lr, settings.weight_decay)
@@ -38,11 +38,11 @@ def build(cfg: DictConfig, s: GenerationSetup) -> Generative:
         beta = kl_weight(epoch, cfg.vae.kl_warmup_epochs)
         batches = device_batches(
             data.x_train,
-            s.conditions,
+            setup.conditions,
             settings.batch_size,
             settings.device,
             shuffle=True,
-            seed=s.seed,
+            seed=setup.seed,
             epoch=epoch,
             drop_last=True,
         )
