@@ -29,7 +29,7 @@ from penrun.core.metrics import generation_metrics
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import load_dataset
 from penrun.models import build_classifier
-from penrun.train.loop import predict
+from penrun.train.loop import network_input, predict
 from penrun.train.seeding import seed_everything
 
 from machine import describe_machine
@@ -109,6 +109,7 @@ def main() -> None:
             part,
             settings,
             0,
+            network_input(part.x_train, device),
             conds[: len(part.y_train)]
             if cond == "penultimate"
             else training_conditions(part, None, eval_batch, device),

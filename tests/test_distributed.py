@@ -61,12 +61,13 @@ def two_process_run(runs: dict[str, Path]) -> Path:
 def test_two_processes_match_one_process(runs: dict[str, Path]) -> None:
     single, double = history_without_times(runs["one"]), history_without_times(runs["two"])
     # Same global batches and averaged gradients; batch norm normalizes each rank's half of a
-    # batch on the CPU (SyncBatchNorm needs a GPU), so the runs differ slightly: measured 0.006
-    # in accuracy and 0.017 in the loss at most.
+    # batch on the CPU (SyncBatchNorm needs a GPU), and two ranks drop the last partial batch, so
+    # the runs differ slightly: measured 0.006 in accuracy and 0.066 in the first epoch's mean
+    # loss at most.
     for a, b in zip(single, double, strict=True):
-        assert abs(a["test_acc"] - b["test_acc"]) <= 0.03, (a, b)
-        assert abs(a["train_loss"] - b["train_loss"]) <= 0.05, (a, b)
-    assert double[-1]["test_acc"] > 0.9
+        assert abs(a["val_acc"] - b["val_acc"]) <= 0.03, (a, b)
+        assert abs(a["train_loss"] - b["train_loss"]) <= 0.1, (a, b)
+    assert double[-1]["val_acc"] > 0.9
 
 
 def test_only_rank_zero_writes(two_process_run: Path) -> None:

@@ -218,7 +218,7 @@ def test_from_classifier_cosine_and_linear():
         ("linear", {"count": torch.ones(3)}, {"radius": "empirical"}, r"needs activation_stats\['norm_quantiles'\]; the recorded statistics have only \['count'\]"),
         ("cosine", None, {"kappa": "fitted"}, r"kappa='fitted' needs the per-class activation statistics"),
         ("linear", stats_for(3), {"radius": "median"}, r"radius must be one of 'fixed', 'empirical', got 'median'"),
-        ("linear", stats_for(3), {"kappa": "learned"}, r"kappa must be one of 'weights', 'fitted', got 'learned'"),
+        ("linear", stats_for(3), {"kappa": "learned"}, r"kappa must be one of 'weights', 'fitted', 'matched', got 'learned'"),
         ("softmax", None, {}, r"head kind must be one of 'cosine', 'linear', got 'softmax'"),
     ],
 )  # fmt: skip

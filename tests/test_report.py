@@ -74,7 +74,7 @@ def test_report_of_a_sweep_with_a_missing_run(
     assert {row[1] for row in table[1:]} == {"1", "2"}
     assert "±" in next(row[2] for row in table[1:] if row[1] == "2")
     assert (sweep / "curves.png").stat().st_size > 1000
-    assert f"wrote {sweep / 'report.md'}, report.csv, curves.png" in caplog.messages
+    assert f"wrote {sweep / 'report.md'}, report.csv, runs.csv, curves.png" in caplog.messages
 
 
 def test_report_needs_a_folder_with_runs(tmp_path: Path) -> None:
@@ -83,3 +83,51 @@ def test_report_needs_a_folder_with_runs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"no complete run under"):
         run_task(["task=report", f"sweep_dir={tmp_path / 'empty'}"], tmp_path / "r")
+
+
+def write_run(folder: Path, method: str, seed: int, acc: float) -> None:
+    """A complete run's metrics.json as a distill job writes it (the fields report reads)."""
+    folder.mkdir(parents=True)
+    metrics = {"status": "complete", "transfer_acc": acc, "config": {"method": method, "seed": seed}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_paired_differences_to_a_baseline_match_scipys_paired_t(tmp_path: Path) -> None:
+    from scipy.stats import ttest_rel
+
+    accs = {"ce": [0.70, 0.74, 0.69, 0.72], "kd": [0.73, 0.75, 0.74, 0.71], "smooth": [0.60, 0.66]}
+    for method, values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path / f"{method}-{seed}", method, seed, acc)
+    metrics = run_task(
+        ["task=report", f"sweep_dir={tmp_path}", "report.rows=[method]", "report.values=[transfer_acc]",
+         "report.baseline=ce"],
+        tmp_path / "job",
+    )  # fmt: skip
+    assert metrics["task"] == "report"
+    text = (tmp_path / "report.md").read_text()
+    ci = ttest_rel(accs["kd"], accs["ce"]).confidence_interval(0.95)
+    mean = sum(accs["kd"]) / 4 - sum(accs["ce"]) / 4
+    assert f"| kd | {mean:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] (n=4) |" in text
+    # smooth ran seeds 0 and 1 only: paired with ce's seeds 0 and 1.
+    ci = ttest_rel(accs["smooth"], accs["ce"][:2]).confidence_interval(0.95)
+    assert f"| smooth | {-0.09:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] (n=2) |" in text
+    # One line per run, raw numbers, for pandas.
+    with open(tmp_path / "runs.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 10 and {"folder", "method", "seed", "transfer_acc"} == set(lines[0])
+    assert {(r["method"], int(r["seed"]), float(r["transfer_acc"])) for r in lines} == {
+        (m, s, a) for m, values in accs.items() for s, a in enumerate(values)
+    }
+
+
+def test_an_unknown_baseline_row_is_refused_with_the_rows(tmp_path: Path) -> None:
+    write_run(tmp_path / "ce-0", "ce", 0, 0.7)
+    write_run(tmp_path / "kd-0", "kd", 0, 0.8)
+    with pytest.raises(
+        ConfigError, match=r"report.baseline='CE' is not a row of the table; rows: \['ce', 'kd'\]"
+    ):
+        run_task(
+            ["task=report", f"sweep_dir={tmp_path}", "report.rows=[method]", "report.baseline=CE"],
+            tmp_path / "job",
+        )

@@ -72,8 +72,14 @@ def test_run_folder_is_complete(digits_run: Path) -> None:
     metrics = json.loads((digits_run / "metrics.json").read_text())
     assert metrics["task"] == "train_teacher" and metrics["status"] == "complete"
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
-    assert {"train_loss", "test_acc"} <= metrics["history"][0].keys()
-    assert metrics["test_acc"] > 0.9 and metrics["best_test_acc"] >= metrics["test_acc"]
+    # Epochs are scored on a tenth of the training split held out (143 of digits' 1437); the
+    # test split is evaluated once, at the end.
+    assert all(
+        row.keys() >= {"train_loss", "val_acc"} and "test_acc" not in row for row in metrics["history"]
+    )
+    val = [row["val_acc"] for row in metrics["history"]]
+    assert metrics["selected_epoch"] == val.index(max(val)) + 1 and metrics["val_size"] == 143
+    assert metrics["test_acc"] > 0.9
     assert (digits_run / ".hydra" / "config.yaml").exists()
     assert list((digits_run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("last.pt", "best.pt"):
@@ -83,7 +89,7 @@ def test_run_folder_is_complete(digits_run: Path) -> None:
             "optimizers"
         ]
         stats = ckpt["activation_stats"]
-        assert stats["norm_quantiles"].shape == (10, 101) and stats["count"].sum() == 1437
+        assert stats["norm_quantiles"].shape == (10, 101) and stats["count"].sum() == 1437 - 143
         assert (stats["norm_mean"] > 0).all() and (stats["fitted_kappa"] > 0).all()
     assert load_checkpoint(digits_run / "checkpoints" / "last.pt")["epoch"] == 4
 

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.app.errors import config_keys
 from penrun.app.schema import RUNTIME_KEYS, check_values
-from penrun.data import ImageData, load_dataset, subset
+from penrun.data import ImageData, hold_out, load_dataset, subset
 from penrun.errors import InputError
 from penrun.models import build_classifier
 from penrun.train import distributed
@@ -67,6 +68,17 @@ def load_data(cfg: DictConfig, node: str = "data") -> ImageData:
     if options.limit_train is not None or options.limit_test is not None:
         data = subset(data, options.limit_train, options.limit_test)
     return data
+
+
+def validation_split(
+    cfg: DictConfig, data: ImageData
+) -> tuple[ImageData, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The training split less `data.val_size` examples (a tenth when null), and those
+    examples (None when val_size=0)."""
+    size = cfg.data.val_size if cfg.data.val_size is not None else len(data.y_train) // 10
+    with config_keys(size="data.val_size"):
+        train, x_val, y_val = hold_out(data, size)
+    return train, (x_val, y_val) if size else None
 
 
 def classifier_spec(cfg: DictConfig, node: str, data: ImageData) -> dict[str, Any]:

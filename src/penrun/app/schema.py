@@ -23,7 +23,7 @@ from penrun.app.errors import ConfigError
 from penrun.app.tasks import TASKS
 from penrun.core.conditions import CONDITIONS
 from penrun.core.losses import LOSSES
-from penrun.core.penultimate import KAPPA_OPTIONS, RADIUS_OPTIONS
+from penrun.core.penultimate import DIRECTION_OPTIONS, KAPPA_OPTIONS, RADIUS_OPTIONS
 from penrun.data import DATASETS
 from penrun.data.transforms import SHIFTS
 from penrun.models.classifiers import ARCHITECTURES, HEADS
@@ -60,6 +60,8 @@ class DataConfig:
     channels: int | None = choices(None, (None, 1, 3))
     limit_train: int | None = at_least(None, 1)
     limit_test: int | None = at_least(None, 1)
+    # Training examples held out to validate on (best epoch, choices); null: a tenth of them.
+    val_size: int | None = at_least(None, 0)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class TrainerConfig:
 
 @dataclass
 class VmfConfig:
+    direction: str = choices("weights", DIRECTION_OPTIONS)
     kappa: str = choices("weights", KAPPA_OPTIONS)
     kappa_scale: float = at_least(1.0, 0.0, high=1e4)
     radius: str = choices("fixed", RADIUS_OPTIONS)
@@ -111,6 +114,7 @@ class DistillConfig:
     tau: float = above(4.0, 0.0, high=1e3)
     losses: LossWeights = field(default_factory=LossWeights)  # every term's weight (0: off)
     dirichlet_beta: float = above(1.0, 0.0, high=1e6)
+    val_per_class: int = at_least(10, 1, high=10**6)
 
 
 @dataclass
@@ -144,6 +148,7 @@ class ReportConfig:
     columns: list[str] | None = None
     values: list[str] | None = None
     curve: str | None = None
+    baseline: str | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from penrun.app.config import classifier_spec, strip_runtime_keys, trainer_settings
+from penrun.app.config import classifier_spec, strip_runtime_keys, trainer_settings, validation_split
 from penrun.app.errors import ConfigError
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import ImageData
@@ -39,9 +39,13 @@ def penultimate_model(
             radius=vmf.radius,
             kappa=vmf.kappa,
             kappa_scale=vmf.kappa_scale,
+            direction=vmf.direction,
         )
     except ValueError as err:
-        raise ConfigError(f"teacher checkpoint {str(path)!r} cannot define p(a | y): {err}") from err
+        hint = ""
+        if "activation_stats" in str(err):
+            hint = f"; record them with: penrun task=record_statistics teacher_ckpt='{path}' data=<its training data>"
+        raise ConfigError(f"teacher checkpoint {str(path)!r} cannot define p(a | y): {err}{hint}") from err
 
 
 def check_fits_data(spec: dict[str, Any], data: ImageData, what: str, path: str | Path) -> None:
@@ -117,7 +121,9 @@ def _train_cached(
             log.info(
                 f"training {net_key} {cfg[net_key].arch} on {data.name} into {path} (cached for later runs)"
             )
-            train_classifier(folder, classifier_spec(cfg, net_key, data), data, settings, seed=cfg[seed_key])
+            train, validation = validation_split(cfg, data)
+            spec = classifier_spec(cfg, net_key, train)
+            train_classifier(folder, spec, train, settings, seed=cfg[seed_key], validation=validation)
     distributed.barrier()
     return folder.last_path
 

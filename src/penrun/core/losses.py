@@ -39,6 +39,9 @@ class DistillBatch:
     student: nn.Module
     x: torch.Tensor
     y: torch.Tensor | None  # transfer labels, None in the unlabeled protocol
+    # The frozen teacher's (features, logits) of x when computed ahead (once per run for an
+    # un-augmented transfer set, read by index at each step); None: computed here.
+    teacher_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @cached_property
     def student_features(self) -> torch.Tensor:
@@ -50,11 +53,15 @@ class DistillBatch:
 
     @cached_property
     def teacher_features(self) -> torch.Tensor:
+        if self.teacher_outputs is not None:
+            return self.teacher_outputs[0]
         with torch.no_grad():
             return self.setup.teacher.features(self.x)
 
     @cached_property
     def teacher_logits(self) -> torch.Tensor:
+        if self.teacher_outputs is not None:
+            return self.teacher_outputs[1]
         with torch.no_grad():
             return self.setup.teacher.head(self.teacher_features)
 

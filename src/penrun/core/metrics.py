@@ -51,6 +51,12 @@ def per_class(
     return [fn(values[y == k]) for k in range(num_classes)]
 
 
+def class_accuracies(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy of the predictions `logits` against the requested classes y, per class."""
+    hits = (logits.argmax(1) == y).float()
+    return per_class(lambda v: v.mean().item(), hits, y, num_classes)
+
+
 def generation_metrics(
     features: torch.Tensor,
     logits: torch.Tensor,
@@ -64,8 +70,7 @@ def generation_metrics(
     per-class values), frechet (distance of evaluator features of fake and real images, equal
     counts: a fixed random subset of the larger set), diversity (mean pairwise feature
     distance within a class, averaged over classes)."""
-    hits = (logits.argmax(1) == y).float()
-    acc = per_class(lambda v: v.mean().item(), hits, y, num_classes)
+    acc = class_accuracies(logits, y, num_classes)
     diversity = per_class(mean_pairwise_distance, features, y, num_classes)
     count = min(len(features), len(real_features))
     rng = torch.Generator().manual_seed(seed)

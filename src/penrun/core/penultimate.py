@@ -19,7 +19,8 @@ from penrun.core.checks import check_generator, check_kappa, check_option, check
 from penrun.core.vmf import sample_vmf
 
 RADIUS_OPTIONS = ("fixed", "empirical")
-KAPPA_OPTIONS = ("weights", "fitted")
+DIRECTION_OPTIONS = ("weights", "class_mean")
+KAPPA_OPTIONS = ("weights", "fitted", "matched")
 SPACE_OPTIONS = ("direction", "input")
 HEAD_KINDS = ("cosine", "linear")
 
@@ -67,6 +68,9 @@ class PenultimateModel:
     radius: a (K,) tensor of fixed per-class radii or an EmpiricalRadius; it sets r in the
     sampler's kappa_k = kappa_scale * r |w_k| ("weights") and the scale of `space="input"`
     samples. fitted_kappa (K,), if given, replaces r |w_k| (it is still times kappa_scale).
+    directions (K, d) unit rows, if given, replace w_k / |w_k| as the sampler's mean
+    directions (the class means of recorded activations); the prior, `log_prob` and
+    `posterior` always come from the weights (the Generative-Discriminative pair).
     """
 
     def __init__(
@@ -76,10 +80,12 @@ class PenultimateModel:
         radius: Tensor | EmpiricalRadius,
         kappa_scale: float,
         fitted_kappa: Tensor | None,
+        directions: Tensor | None = None,
     ):
         self.weight, self.bias, self.radius = weight, bias, radius
         self.kappa_scale, self.fitted_kappa = kappa_scale, fitted_kappa
         self.weight_norm = torch.linalg.vector_norm(weight, dim=1)
+        self.directions = directions
 
     @classmethod
     def from_head(
@@ -89,11 +95,13 @@ class PenultimateModel:
         radius: float | Tensor | EmpiricalRadius | None = None,
         kappa_scale: float = 1.0,
         kappa: Tensor | None = None,
+        direction: Tensor | None = None,
     ) -> PenultimateModel:
         """weight (K, d), bias (K,) or None (zeros). radius: None (1.0), a float shared by
         all classes, a (K,) tensor, or an EmpiricalRadius. kappa: None ("weights",
-        kappa_k = r_k |w_k|) or an explicit (K,) tensor ("fitted"). For a cosine head pass
-        weight = s W / |W| and radius 1.0, so kappa_k = s."""
+        kappa_k = r_k |w_k|) or an explicit (K,) tensor ("fitted", "matched"). direction:
+        None (w_k / |w_k|) or (K, d) nonzero rows, normalized here, for the sampler's mean
+        directions. For a cosine head pass weight = s W / |W| and radius 1.0, so kappa_k = s."""
         weight = _checked_weight(weight)
         num_classes = weight.shape[0]
         like = {"dtype": weight.dtype, "device": weight.device}
@@ -108,7 +116,17 @@ class PenultimateModel:
             if fitted.shape != (num_classes,):
                 raise ValueError(f"kappa must have shape (K,)=({num_classes},), got {tuple(fitted.shape)}")
             check_kappa(fitted)
-        return cls(weight, bias, _checked_radius(radius, num_classes, like), kappa_scale, fitted)
+        directions = None
+        if direction is not None:
+            directions = _checked_weight(torch.as_tensor(direction, **like), "direction")
+            if directions.shape != weight.shape:
+                raise ValueError(
+                    f"direction must have the weight's shape (K, d)={tuple(weight.shape)}, "
+                    f"got {tuple(directions.shape)}"
+                )
+            directions = directions / torch.linalg.vector_norm(directions, dim=1, keepdim=True)
+        radius = _checked_radius(radius, num_classes, like)
+        return cls(weight, bias, radius, kappa_scale, fitted, directions)
 
     @classmethod
     def from_classifier(
@@ -118,13 +136,18 @@ class PenultimateModel:
         radius: str = "fixed",
         kappa: str = "weights",
         kappa_scale: float = 1.0,
+        direction: str = "weights",
     ) -> PenultimateModel:
         """From `model.head` (kind, effective_weight(), bias). A cosine head has radius 1 and
         weights-kappa s; a linear head takes its radius from activation_stats: "fixed" ->
-        per-class norm_mean, "empirical" -> norm_quantiles. kappa="fitted" uses
-        activation_stats["fitted_kappa"]."""
+        per-class norm_mean, "empirical" -> norm_quantiles. direction="class_mean" samples
+        around activation_stats["mean_direction"] instead of w_k / |w_k|. kappa="fitted" uses
+        activation_stats["fitted_kappa"] (the ML fit around each class's own mean direction);
+        kappa="matched" solves A_d(kappa) = the mean cosine of the class's recorded
+        activations to the chosen direction (docs/method.md#33-the-kappa-options)."""
         check_option("radius", radius, RADIUS_OPTIONS)
         check_option("kappa", kappa, KAPPA_OPTIONS)
+        check_option("direction", direction, DIRECTION_OPTIONS)
         head = model.head
         check_option("head kind", head.kind, HEAD_KINDS)
         weight = head.effective_weight().detach()
@@ -144,14 +167,24 @@ class PenultimateModel:
                 )
             return torch.as_tensor(activation_stats[key], **like)
 
-        fitted = stat("fitted_kappa", "kappa='fitted'") if kappa == "fitted" else None
+        directions = stat("mean_direction", "direction='class_mean'") if direction == "class_mean" else None
+        fitted = None
+        if kappa == "fitted":
+            fitted = stat("fitted_kappa", "kappa='fitted'")
+        elif kappa == "matched":
+            toward = directions if directions is not None else weight
+            fitted = matched_kappa(
+                stat("mean_resultant_length", "kappa='matched'"),
+                stat("mean_direction", "kappa='matched'"),
+                toward,
+            )
         if head.kind == "cosine":
             spec: float | Tensor | EmpiricalRadius = 1.0
         elif radius == "fixed":
             spec = stat("norm_mean", "a linear head (radius='fixed')")
         else:
             spec = EmpiricalRadius(stat("norm_quantiles", "a linear head (radius='empirical')"))
-        return cls.from_head(weight, bias, spec, kappa_scale, fitted)
+        return cls.from_head(weight, bias, spec, kappa_scale, fitted, directions)
 
     @property
     def num_classes(self) -> int:
@@ -163,7 +196,9 @@ class PenultimateModel:
 
     @property
     def mu(self) -> Tensor:
-        """Class directions w_k / |w_k| (K, d)."""
+        """The sampler's class directions (K, d): w_k / |w_k|, or the given directions."""
+        if self.directions is not None:
+            return self.directions
         return self.weight / self.weight_norm.unsqueeze(1)
 
     @property
@@ -186,6 +221,7 @@ class PenultimateModel:
             self.radius.to(*args, **kwargs),
             self.kappa_scale,
             None if self.fitted_kappa is None else self.fitted_kappa.to(*args, **kwargs),
+            None if self.directions is None else self.directions.to(*args, **kwargs),
         )
 
     def _log_prior(self, log_c: Tensor) -> Tensor:
@@ -283,20 +319,18 @@ class PenultimateModel:
         return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
-def _checked_weight(weight: Tensor) -> Tensor:
+def _checked_weight(weight: Tensor, name: str = "weight") -> Tensor:
     w = torch.as_tensor(weight)
     if w.dim() != 2 or w.shape[1] < 2 or not w.dtype.is_floating_point:
         raise ValueError(
-            "weight must be a float tensor of shape (K, d) with d >= 2, "
+            f"{name} must be a float tensor of shape (K, d) with d >= 2, "
             f"got shape {tuple(w.shape)} and dtype {w.dtype}"
         )
     if not torch.isfinite(w).all():
-        raise ValueError(f"weight must be finite, got a non-finite entry{where(~w.isfinite())}")
+        raise ValueError(f"{name} must be finite, got a non-finite entry{where(~w.isfinite())}")
     zero = torch.linalg.vector_norm(w, dim=1) == 0
     if zero.any():
-        raise ValueError(
-            f"weight rows must be nonzero (a class direction w_k/|w_k|), got a zero row{where(zero)}"
-        )
+        raise ValueError(f"{name} rows must be nonzero (a class direction), got a zero row{where(zero)}")
     return w
 
 
@@ -323,6 +357,19 @@ def _checked_radius(
     radius = radius.to(**like)
     check_positive(radius, "radius")
     return radius
+
+
+def matched_kappa(mean_resultant_length: Tensor, mean_direction: Tensor, toward: Tensor) -> Tensor:
+    """Per-class ML kappa of recorded unit activations with the mean direction held at
+    `toward` (K, d), from their mean resultant length R (K,) and mean direction m (K, d):
+    the mean cosine to u = toward / |toward| is R m.u, and kappa solves A_d(kappa) = R m.u
+    (0 when the activations do not lean towards u). Around the class's own mean (u = m)
+    this is the ordinary ML fit."""
+    u = toward / torch.linalg.vector_norm(toward, dim=1, keepdim=True)
+    cosine = mean_resultant_length * (mean_direction * u).sum(1)
+    valid = torch.isfinite(cosine) & (cosine < 1)
+    kappa = fit_kappa(torch.where(valid, cosine.clamp_min(0), 0.0), toward.shape[1])
+    return torch.where(valid, kappa.to(cosine.dtype), math.nan)
 
 
 def fit_kappa_from_activations(h: Tensor, y: Tensor, num_classes: int) -> dict[str, Tensor]:

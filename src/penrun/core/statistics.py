@@ -1,5 +1,6 @@
 """Per-class statistics of penultimate activations, recorded with a teacher so that the
-sampler needs no data later (radius for linear heads, fitted kappa for `kappa: fitted`)."""
+sampler needs no data later (radius for linear heads; the class mean directions and fitted
+kappa for `direction: class_mean`, `kappa: fitted` and `kappa: matched`)."""
 
 from __future__ import annotations
 
@@ -30,4 +31,5 @@ def activation_statistics(h: torch.Tensor, y: torch.Tensor, num_classes: int) ->
         "count": fit["count"],
         "mean_resultant_length": fit["mean_resultant_length"],
         "fitted_kappa": fit["fitted_kappa"],
+        "mean_direction": fit["mean_direction"],
     }

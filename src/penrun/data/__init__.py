@@ -1,7 +1,7 @@
 """Datasets in memory (`ImageData`), their sources, transforms and batches."""
 
 from penrun.data.batches import epoch_batches, labelled_subset, normalize, num_batches
-from penrun.data.dataset import ImageData, subset
+from penrun.data.dataset import ImageData, hold_out, subset
 from penrun.data.sources import DATASETS, load_dataset
 from penrun.data.transforms import align_classes, convert_images, resize, shift_images, to_channels
 
@@ -11,6 +11,7 @@ __all__ = [
     "align_classes",
     "convert_images",
     "epoch_batches",
+    "hold_out",
     "labelled_subset",
     "load_dataset",
     "normalize",

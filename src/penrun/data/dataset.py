@@ -55,3 +55,21 @@ def subset(data: ImageData, train: int | None = None, test: int | None = None, s
         x_test=data.x_test[te],
         y_test=data.y_test[te],
     )
+
+
+def hold_out(data: ImageData, size: int, seed: int = 0) -> tuple[ImageData, torch.Tensor, torch.Tensor]:
+    """Split `size` random training examples off as a validation set: (the data without them,
+    x_val, y_val). The seed is fixed by default so that every run on a dataset trains and
+    validates on the same examples."""
+    n = len(data.y_train)
+    if not 0 <= size < n:
+        raise ValueError(
+            f"size={size} must be at least 0 and smaller than the training split of {data.name} ({n} examples)"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:size].sort().values, order[size:].sort().values
+    return (
+        replace(data, x_train=data.x_train[kept], y_train=data.y_train[kept]),
+        data.x_train[held],
+        data.y_train[held],
+    )

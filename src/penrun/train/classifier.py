@@ -17,6 +17,7 @@ from penrun.train.loop import (
     TrainerSettings,
     accuracy,
     device_batches,
+    network_input,
     optimize_epoch,
     predict,
     stability,
@@ -27,20 +28,32 @@ from penrun.train.optim import build_optimizer
 from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
+Validation = tuple[torch.Tensor, torch.Tensor]  # (x_val, y_val) held out of the training split
+
 
 def train_classifier(
-    folder: RunFolder, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
+    folder: RunFolder,
+    spec: dict[str, Any],
+    data: ImageData,
+    settings: TrainerSettings,
+    seed: int,
+    validation: Validation | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume), record the activation statistics, write the final metrics."""
-    model, history = fit_classifier(folder, spec, data, settings, seed)
+    """Train (or resume), record the activation statistics, write the final metrics. With a
+    validation set the epochs are scored on it (best.pt, selected_epoch) and the test split is
+    evaluated once, at the end; without one, every epoch on the test split."""
+    model, history = fit_classifier(folder, spec, data, settings, seed, validation)
     record_statistics(folder, model, data, settings)
-    accs = [row["test_acc"] for row in history]
+    monitor = "val_acc" if validation is not None else "test_acc"
+    curve = [row[monitor] for row in history]
+    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)
     metrics = {
         "task": "train_teacher",
-        "test_acc": accs[-1],
-        "best_test_acc": max(accs),
-        "best_epoch": accs.index(max(accs)) + 1,
-        "stability": stability(accs),
+        "test_acc": accuracy(logits, data.y_test),
+        f"best_{monitor}": max(curve),
+        "selected_epoch": curve.index(max(curve)) + 1,
+        "stability": stability(curve),
+        "val_size": 0 if validation is None else len(validation[1]),
         "num_params": sum(p.numel() for p in model.parameters()),
         "data": data.describe(),
         "checkpoint": str(folder.last_path),
@@ -52,14 +65,21 @@ def train_classifier(
 
 
 def fit_classifier(
-    folder: RunFolder, spec: dict[str, Any], data: ImageData, settings: TrainerSettings, seed: int
+    folder: RunFolder,
+    spec: dict[str, Any],
+    data: ImageData,
+    settings: TrainerSettings,
+    seed: int,
+    validation: Validation | None = None,
 ) -> tuple[Classifier, list[dict[str, Any]]]:
-    """Cross-entropy training with per-epoch test evaluation; resumes from last.pt."""
+    """Cross-entropy training with per-epoch evaluation on the validation set (the test split
+    without one); resumes from last.pt."""
     device = settings.device
     seed_everything(seed)
     model = build_classifier(**spec).to(device)
     optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
     steps = train_steps(len(data.y_train), settings.batch_size)
+    images = network_input(data.x_train, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(x)
@@ -70,19 +90,18 @@ def fit_classifier(
     def train_epoch(epoch: int) -> dict[str, float]:
         model.train()
         batches = device_batches(
-            data.x_train,
-            data.y_train,
-            settings.batch_size,
-            device,
-            shuffle=True,
-            seed=seed,
-            epoch=epoch,
+            images, data.y_train, settings.batch_size, device, shuffle=True, seed=seed, epoch=epoch
         )
         return optimize_epoch(batches, steps, optimizer, parallel_step, settings, epoch)
 
+    monitor, (x_eval, y_eval) = (
+        ("val_acc", validation) if validation else ("test_acc", (data.x_test, data.y_test))
+    )
+    eval_images = network_input(x_eval, device)
+
     def evaluate(epoch: int) -> dict[str, float]:
-        _, logits = predict(model, data.x_test, settings.eval_batch_size, device)
-        return {"test_acc": accuracy(logits, data.y_test)}
+        _, logits = predict(model, eval_images, settings.eval_batch_size, device)
+        return {monitor: accuracy(logits, y_eval)}
 
     history = train_epochs(
         folder,
@@ -91,24 +110,29 @@ def fit_classifier(
         max_epochs=settings.max_epochs,
         train_epoch=train_epoch,
         evaluate=evaluate,
-        monitor="test_acc",
+        monitor=monitor,
         extra={"classifier": spec, "data": {"name": data.name, "num_classes": data.num_classes}},
     )
     return model, history
+
+
+def statistics_of(model: Classifier, data: ImageData, settings: TrainerSettings) -> dict[str, torch.Tensor]:
+    """The per-class activation statistics of a classifier on the training split of `data`."""
+    h, _ = predict(model, data.x_train, settings.eval_batch_size, settings.device)
+    return activation_statistics(h, data.y_train, data.num_classes)
 
 
 def record_statistics(
     folder: RunFolder, model: Classifier, data: ImageData, settings: TrainerSettings
 ) -> None:
     """Store the training set's activation statistics in last.pt and best.pt, each for its
-    own weights (the teacher a later task loads is last.pt: best.pt is chosen on test data).
+    own weights (the teacher a later task loads is last.pt).
     `model` holds the last weights; best.pt reuses their statistics when it is the same epoch."""
     stats = {}
     for path in (folder.last_path, folder.best_path):
         ckpt = load_checkpoint(path)
         if ckpt["epoch"] not in stats:
             model.load_state_dict(ckpt["modules"]["model"])
-            h, _ = predict(model, data.x_train, settings.eval_batch_size, settings.device)
-            stats[ckpt["epoch"]] = activation_statistics(h, data.y_train, data.num_classes)
+            stats[ckpt["epoch"]] = statistics_of(model, data, settings)
         ckpt["activation_stats"] = stats[ckpt["epoch"]]
         save_torch(path, ckpt)

@@ -64,6 +64,14 @@ def train_steps(n: int, batch_size: int, drop_last: bool = False) -> int:
     return num_batches(n, batch_size, drop_last or distributed.is_distributed())
 
 
+def network_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images on `device` as a network takes them: uint8 normalized to float, float as given.
+    Tasks convert their image sets once per run, so that no step or evaluation converts or
+    copies the same images again (slicing a converted set returns the same numbers)."""
+    x = x.to(device, non_blocking=True)
+    return x if x.is_floating_point() else normalize(x)
+
+
 def device_batches(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -75,15 +83,16 @@ def device_batches(
     epoch: int,
     drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Training batches of (normalized images, labels) on `device`, sliced from uint8 tensors
-    in memory. Under torchrun each rank takes its shard of every global batch of `batch_size`
-    and the last partial batch is dropped, so that all ranks step on equal shards."""
+    """Training batches of (normalized images, labels) on `device`, sliced from images given
+    by `network_input` (or uint8 ones, converted per batch). Under torchrun each rank takes its
+    shard of every global batch of `batch_size` and the last partial batch is dropped, so that
+    all ranks step on equal shards."""
     drop_last = drop_last or distributed.is_distributed()
     for idx in epoch_batches(
         len(y), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last
     ):
         idx = distributed.shard(idx)
-        yield normalize(x[idx].to(device, non_blocking=True)), y[idx].to(device, non_blocking=True)
+        yield network_input(x[idx], device), y[idx].to(device, non_blocking=True)
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -157,14 +166,15 @@ def epoch_means(sums: dict[str, torch.Tensor | float], steps: int) -> dict[str, 
 def predict(
     model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate activations and logits of a classifier on uint8 images (on the CPU).
-    Under torchrun each rank computes a contiguous chunk and every rank gets all of them."""
+    """Penultimate activations and logits of a classifier, on the CPU, for images given by
+    `network_input` or uint8 ones. Under torchrun each rank computes a contiguous chunk and
+    every rank gets all of them."""
     was_training = model.training
     model.eval()
     local, sizes = distributed.local_chunk(x)
     feats, logits = [], []
     for idx in epoch_batches(len(local), batch_size, shuffle=False):
-        h = model.features(normalize(local[idx].to(device)))
+        h = model.features(network_input(local[idx], device))
         feats.append(h)
         logits.append(model.head(h))
     model.train(was_training)

@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "report": "penrun.app.tasks.report",
     "vae": "penrun.app.tasks.vae",
     "gan": "penrun.app.tasks.gan",
+    "record_statistics": "penrun.app.tasks.record_statistics",
 }
 
 

@@ -28,11 +28,11 @@ from penrun.core.conditions import (
     generate,
     sample_grid,
 )
-from penrun.core.metrics import generation_metrics, mean_pairwise_distance, per_class
+from penrun.core.metrics import class_accuracies, generation_metrics, mean_pairwise_distance, per_class
 from penrun.data import ImageData
 from penrun.models import Classifier
 from penrun.train.files import save_image_grid
-from penrun.train.loop import TrainerSettings, accuracy, predict, train_epochs
+from penrun.train.loop import TrainerSettings, accuracy, network_input, predict, train_epochs
 from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
@@ -46,7 +46,8 @@ class GenerationSetup:
     data: ImageData
     settings: TrainerSettings
     seed: int
-    conditions: torch.Tensor  # (N, cond_dim): c of every training image
+    images: torch.Tensor  # the training images as the networks take them, on the device
+    conditions: torch.Tensor  # (N, cond_dim): c of every training image, on the device
     sampler: ConditionSampler  # c for requested classes
     teacher: Classifier | None  # None for one-hot conditions
     evaluator: Classifier
@@ -119,7 +120,8 @@ def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
     evaluator.to(device)
     if teacher is not None:
         teacher.to(device)
-    conditions = training_conditions(data, teacher, batch, device)
+    images = network_input(data.x_train, device)
+    conditions = training_conditions(data, teacher, batch, device).to(device)
     real_features, real_logits = predict(evaluator, data.x_test, batch, device)
     diversity_real = per_class(mean_pairwise_distance, real_features, data.y_test, data.num_classes)
     info |= {
@@ -128,7 +130,7 @@ def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
         "diversity_real": sum(diversity_real) / len(diversity_real),
     }
     return GenerationSetup(
-        data, settings, cfg.seed, conditions, sampler, teacher, evaluator, real_features, info
+        data, settings, cfg.seed, images, conditions, sampler, teacher, evaluator, real_features, info
     )
 
 
@@ -153,15 +155,20 @@ def run_generation(
         return model.train_epoch(epoch)
 
     def evaluate_full(seed: int) -> dict[str, Any]:
-        fake = sample_images(model, setup, labels, seed)
-        batch, device = settings.eval_batch_size, settings.device
-        features, logits = predict(setup.evaluator, fake, batch, device)
+        features, logits = evaluator_outputs(seed)
         return generation_metrics(features, logits, labels, setup.real_features, k, seed)
 
+    def evaluator_outputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        fake = sample_images(model, setup, labels, seed)
+        return predict(setup.evaluator, fake, settings.eval_batch_size, settings.device)
+
+    # The curve and the best epoch need cond_acc alone; the Frechet distance and diversity
+    # are measured once, after training.
     def evaluate(epoch: int) -> dict[str, float]:
         start = time.perf_counter()
-        scalars = {n: v for n, v in evaluate_full(cfg.seed).items() if not isinstance(v, list)}
-        return {**scalars, "eval_time": time.perf_counter() - start}
+        _, logits = evaluator_outputs(cfg.seed)
+        accs = class_accuracies(logits, labels, k)
+        return {"cond_acc": sum(accs) / k, "eval_time": time.perf_counter() - start}
 
     history = train_epochs(
         folder,

@@ -2,12 +2,15 @@
 
 The teacher knows the source domain (`data`); the student learns from a transfer set
 (`transfer`: another dataset or a shifted copy of the source) with a weighted sum of the loss
-terms in `penrun.distill`, and is evaluated every epoch on both test sets.
+terms in `penrun.core.losses`. Each epoch is scored on held-out transfer examples (which choose
+the epoch) and on the protocol's test set (the transfer domain's with labels, the source
+domain's without); the other domain's test set is evaluated once, at the end.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ from penrun.train.loop import (
     TrainerSettings,
     accuracy,
     device_batches,
+    network_input,
     optimize_epoch,
     predict,
     stability,
@@ -58,7 +62,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = load_data(cfg)
     transfer = transfer_data(cfg, source)
     student_spec = classifier_spec(cfg, "student", source)
-    x_train, y_train = transfer_training_set(transfer, labels, cfg.seed)
+    pool, validation = hold_out_validation(transfer, options.val_per_class)
+    x_train, y_train = transfer_training_set(pool, labels, cfg.seed)
     if cfg.teacher_ckpt is None:  # the teacher is trained here: check before training it
         check_student(weights, student_spec, cfg.teacher.penultimate_dim)
     teacher, ckpt, teacher_path = obtain_classifier(cfg, source)
@@ -82,31 +87,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if distributed.rank():  # each rank draws its own synthetic activations; rank 0 as one process
         generator.manual_seed(cfg.seed + 1_000_003 * distributed.rank())
     teacher_accs = {
-        "teacher_source_acc": accuracy(
-            predict(teacher, source.x_test, settings.eval_batch_size, settings.device)[1],
-            source.y_test,
-        ),
-        "teacher_transfer_acc": accuracy(
-            predict(teacher, transfer.x_test, settings.eval_batch_size, settings.device)[1],
-            transfer.y_test,
-        ),
+        "teacher_source_acc": test_accuracy(teacher, source, settings),
+        "teacher_transfer_acc": test_accuracy(teacher, transfer, settings),
     }
     log.info(
         f"teacher {teacher_path}: source {teacher_accs['teacher_source_acc']:.4f}, transfer {teacher_accs['teacher_transfer_acc']:.4f}"
     )
-    history = train_student(
+    protocol = Protocol(source, transfer, labelled=labels is not None)
+    student, history = train_student(
         folder,
         student_spec,
         shared,
         weights,
         (x_train, y_train if labels is not None else None),
-        source,
-        transfer,
+        validation,
+        protocol,
         settings,
         cfg.seed,
     )
+    other = protocol.other_domain
+    final = {f"{other}_acc": test_accuracy(student, getattr(protocol, other), settings)}
     metrics = final_metrics(
-        history, teacher_accs, weights, options, source, transfer, len(y_train), teacher_path
+        history,
+        final,
+        protocol,
+        teacher_accs,
+        weights,
+        options,
+        len(y_train),
+        len(validation[1]),
+        teacher_path,
     )
     folder.write_metrics(metrics, status="complete")
     folder.close()
@@ -172,6 +182,25 @@ def transfer_data(cfg: DictConfig, source: ImageData) -> ImageData:
     return transfer
 
 
+# Every run on a transfer set validates on the same held-out examples, whatever its seed.
+VALIDATION_SEED = 0
+
+
+def hold_out_validation(
+    transfer: ImageData, per_class: int
+) -> tuple[ImageData, tuple[torch.Tensor, torch.Tensor]]:
+    """`per_class` examples of each class held out of the transfer training split (the pool the
+    student's examples and labels are drawn from): the validation set that chooses the epoch.
+    The labelled protocol scores accuracy on it, the unlabeled one agreement with the teacher
+    (its labels unused)."""
+    with config_keys(per_class="distill.val_per_class"):
+        held = labelled_subset(transfer.y_train, per_class, transfer.num_classes, VALIDATION_SEED)
+    kept = torch.ones(len(transfer.y_train), dtype=torch.bool)
+    kept[held] = False
+    pool = replace(transfer, x_train=transfer.x_train[kept], y_train=transfer.y_train[kept])
+    return pool, (transfer.x_train[held], transfer.y_train[held])
+
+
 def transfer_training_set(
     transfer: ImageData, labels: int | str | None, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,26 +221,83 @@ def smoothing_for(
 
 
 # ---------------------------------------------------------------- training
+@dataclass(frozen=True)
+class Protocol:
+    """The domain whose test set gives a protocol's curve and stability (evaluated every
+    epoch): the target domain with labels (Table 2), the source domain without (Table 1: the
+    student should keep the teacher's source accuracy). The other domain is evaluated once,
+    after training. The epoch is chosen on held-out transfer examples: accuracy with labels,
+    agreement with the teacher without."""
+
+    source: ImageData
+    transfer: ImageData
+    labelled: bool
+
+    @property
+    def domain(self) -> str:
+        return "transfer" if self.labelled else "source"
+
+    @property
+    def other_domain(self) -> str:
+        return "source" if self.labelled else "transfer"
+
+    @property
+    def metric(self) -> str:
+        return f"{self.domain}_acc"
+
+    @property
+    def val_metric(self) -> str:
+        return "val_acc" if self.labelled else "val_agreement"
+
+
+def test_accuracy(model: Classifier, data: ImageData, settings: TrainerSettings) -> float:
+    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)
+    return accuracy(logits, data.y_test)
+
+
+def reads_teacher_images(weights: dict[str, float], labelled: bool) -> bool:
+    """Whether a term needs the teacher's outputs on the transfer images (the unlabeled
+    protocol takes every class from the teacher's prediction)."""
+    return weights["kd"] > 0 or weights["feature"] > 0 or not labelled
+
+
+def teacher_outputs(
+    teacher: Classifier, images: torch.Tensor, settings: TrainerSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's features and logits of the whole transfer set, once per run: it
+    sees the same un-augmented images every epoch, so each step reads its rows by index."""
+    features, logits = predict(teacher, images, settings.eval_batch_size, settings.device)
+    return features.to(settings.device), logits.to(settings.device)
+
+
 def train_student(
     run,
     student_spec: dict[str, Any],
     shared: DistillSetup,
     weights: dict[str, float],
     train_set: tuple[torch.Tensor, torch.Tensor | None],
-    source: ImageData,
-    transfer: ImageData,
+    validation: tuple[torch.Tensor, torch.Tensor],
+    protocol: Protocol,
     settings: TrainerSettings,
     seed: int,
-) -> list[dict[str, Any]]:
+) -> tuple[Classifier, list[dict[str, Any]]]:
     x_train, y_train = train_set
     device = settings.device
     student = build_classifier(**student_spec).to(device)
     optimizer = build_optimizer(settings.optimizer, student.parameters(), settings.lr, settings.weight_decay)
-    labels = y_train if y_train is not None else torch.zeros(len(x_train), dtype=torch.long)
     steps = train_steps(len(x_train), settings.batch_size)
+    images, index = network_input(x_train, device), torch.arange(len(x_train))
+    labels = y_train.to(device) if y_train is not None else None
+    cached = (
+        teacher_outputs(shared.teacher, images, settings)
+        if reads_teacher_images(weights, labels is not None)
+        else None
+    )
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return total_loss(DistillBatch(shared, student, x, y if y_train is not None else None), weights)
+    def step(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        y = labels[idx] if labels is not None else None
+        outputs = (cached[0][idx], cached[1][idx]) if cached is not None else None
+        return total_loss(DistillBatch(shared, student, x, y, outputs), weights)
 
     # Terms such as synthetic_head leave the student's body without gradient.
     parallel_step = distributed.data_parallel(student, step, some_unused=True)
@@ -219,53 +305,64 @@ def train_student(
     def train_epoch(epoch: int) -> dict[str, float]:
         student.train()
         batches = device_batches(
-            x_train, labels, settings.batch_size, device, shuffle=True, seed=seed, epoch=epoch
+            images, index, settings.batch_size, device, shuffle=True, seed=seed, epoch=epoch
         )
         return optimize_epoch(batches, steps, optimizer, parallel_step, settings, epoch)
 
+    test_set = getattr(protocol, protocol.domain)
+    test_images = network_input(test_set.x_test, device)
+
+    val_images = network_input(validation[0], device)
+    val_targets = (
+        validation[1]
+        if protocol.labelled
+        else predict(shared.teacher, val_images, settings.eval_batch_size, device)[1].argmax(1)
+    )
+
     def evaluate(epoch: int) -> dict[str, float]:
+        _, logits = predict(student, test_images, settings.eval_batch_size, device)
+        _, val_logits = predict(student, val_images, settings.eval_batch_size, device)
         return {
-            "source_acc": accuracy(
-                predict(student, source.x_test, settings.eval_batch_size, device)[1], source.y_test
-            ),
-            "transfer_acc": accuracy(
-                predict(student, transfer.x_test, settings.eval_batch_size, device)[1],
-                transfer.y_test,
-            ),
+            protocol.metric: accuracy(logits, test_set.y_test),
+            protocol.val_metric: accuracy(val_logits, val_targets),
         }
 
-    monitor = "source_acc" if y_train is None else "transfer_acc"
-    return train_epochs(
+    history = train_epochs(
         run,
         modules={"model": student},
         optimizers={"optimizer": optimizer},
         max_epochs=settings.max_epochs,
         train_epoch=train_epoch,
         evaluate=evaluate,
-        monitor=monitor,
+        monitor=protocol.val_metric,
         generators={"synthetic": shared.generator},
         extra={"classifier": student_spec},
     )
+    return student, history
 
 
 def final_metrics(
-    history, teacher_accs, weights, options, source, transfer, n_train, teacher_path
+    history, final, protocol, teacher_accs, weights, options, n_train, val_size, teacher_path
 ) -> dict[str, Any]:
-    source_accs = [row["source_acc"] for row in history]
-    transfer_accs = [row["transfer_acc"] for row in history]
+    curve = [row[protocol.metric] for row in history]
+    scores = [row[protocol.val_metric] for row in history]
+    selected = scores.index(max(scores))
     return {
         "task": "distill",
-        "source": source.name,
-        "transfer": transfer.name,
+        "source": protocol.source.name,
+        "transfer": protocol.transfer.name,
         "method": "+".join(k for k, v in weights.items() if v > 0),
         "labels": options.labels,
         "transfer_train_size": n_train,
         "losses": {k: v for k, v in weights.items() if v > 0},
-        "source_acc": source_accs[-1],
-        "transfer_acc": transfer_accs[-1],
-        "best_source_acc": max(source_accs),
-        "best_transfer_acc": max(transfer_accs),
-        "stability": {"source": stability(source_accs), "transfer": stability(transfer_accs)},
+        protocol.metric: curve[-1],
+        **final,
+        # The epoch with the best validation score, and its test accuracy.
+        "selected_epoch": selected + 1,
+        f"selected_{protocol.metric}": curve[selected],
+        f"best_{protocol.val_metric}": scores[selected],
+        "val_size": val_size,
+        "stability": {protocol.domain: stability(curve)},
         **teacher_accs,
         "teacher_ckpt": str(teacher_path),
         "history": history,
@@ -276,6 +373,7 @@ def summary(m: dict[str, Any]) -> str:
     return (
         f"{m['source']} -> {m['transfer']}, losses {m['losses']}, labels {m['labels']}\n"
         f"teacher: source_acc {m['teacher_source_acc']:.4f}  transfer_acc {m['teacher_transfer_acc']:.4f}\n"
-        f"student: source_acc {m['source_acc']:.4f} (best {m['best_source_acc']:.4f})  "
-        f"transfer_acc {m['transfer_acc']:.4f} (best {m['best_transfer_acc']:.4f})"
+        f"student: source_acc {m['source_acc']:.4f}  transfer_acc {m['transfer_acc']:.4f}  "
+        f"(at the best validation epoch {m['selected_epoch']}: "
+        f"{', '.join(f'{k} {v:.4f}' for k, v in m.items() if k.startswith('selected_') and k != 'selected_epoch')})"
     )

@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "task": "fit",
         "teacher_ckpt": str(path),
         "kappa_fitted_train": ckpt.get("activation_stats", {}).get("fitted_kappa"),
+        "direction": cfg.vmf.direction,
         "kappa": cfg.vmf.kappa,
         "kappa_scale": cfg.vmf.kappa_scale,
         **diagnose(
@@ -56,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg.seed,
             folder.dir,
         ),
+        "options": compare_options(teacher, ckpt, cfg, h.double(), data.y_test),
     }
     log_to_tensorboard(folder, metrics)
     folder.write_metrics(metrics, status="complete")
@@ -81,14 +83,7 @@ def diagnose(
     model = model.to(dtype=torch.float64)
     k = model.num_classes
     posterior = model.posterior(h)
-    real_a = F.normalize(h, dim=1)
-    rng = torch.Generator().manual_seed(seed)
-    # Class-balanced synthetic activations: compared with the real ones, and the probe's training set.
-    synth_a, synth_y = model.sample(k * samples_per_class, balanced=True, generator=rng)
-    real_cos, synth_cos = (
-        class_cosines(real_a, y, model.mu),
-        class_cosines(synth_a, synth_y, model.mu),
-    )
+    real_a, (synth_a, synth_y), real_cos, synth_cos = synthetic_vs_real(model, h, y, samples_per_class, seed)
     test_fit = fit_kappa_from_activations(h, y, k)
     per_class = [
         {
@@ -120,6 +115,63 @@ def diagnose(
     }
 
 
+# The calibrations side by side (docs/method.md#33-the-kappa-options): the paper's weights,
+# the weights' direction with a matched kappa, the ML fit around the class mean.
+OPTIONS = (("weights", "weights"), ("weights", "matched"), ("weights", "fitted"), ("class_mean", "fitted"))
+
+
+def compare_options(
+    teacher: Classifier, ckpt: dict[str, Any], cfg: DictConfig, h: torch.Tensor, y: torch.Tensor
+) -> list[dict[str, Any]]:
+    """Each (direction, kappa) option's fit to the real test activations, at the configured
+    kappa_scale and radius; empty when the teacher has no recorded statistics."""
+    stats = ckpt.get("activation_stats")
+    if not stats or "mean_direction" not in stats:
+        log.info("no activation statistics with mean directions in the teacher: fit compares no options")
+        return []
+    rows = []
+    for direction, kappa in OPTIONS:
+        model = PenultimateModel.from_classifier(
+            teacher, stats, cfg.vmf.radius, kappa, cfg.vmf.kappa_scale, direction
+        ).to(dtype=torch.float64)
+        k = model.num_classes
+        real_a, (synth_a, synth_y), real_cos, synth_cos = synthetic_vs_real(
+            model, h, y, cfg.fit.samples_per_class, cfg.seed
+        )
+        present = [c for c in range(k) if (y == c).any()]
+        rows.append(
+            {
+                "direction": direction,
+                "kappa": kappa,
+                "mean_kappa": model.kappa.mean().item(),
+                "mean_cos_real": real_cos.mean().item(),
+                "mean_cos_synthetic": synth_cos.mean().item(),
+                "mean_ks_distance": sum(
+                    ks_distance(real_cos[y == c], synth_cos[synth_y == c]) for c in present
+                )
+                / len(present),
+                "synthetic_to_real_acc": linear_probe_accuracy(synth_a, synth_y, real_a, y, k, seed=cfg.seed),
+            }
+        )
+    return rows
+
+
+def synthetic_vs_real(
+    model: PenultimateModel, h: torch.Tensor, y: torch.Tensor, samples_per_class: int, seed: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The real directions, class-balanced synthetic ones (the probe's training set), and the
+    cosines of each to the model's class directions."""
+    real_a = F.normalize(h, dim=1)
+    rng = torch.Generator().manual_seed(seed)
+    synth_a, synth_y = model.sample(model.num_classes * samples_per_class, balanced=True, generator=rng)
+    return (
+        real_a,
+        (synth_a, synth_y),
+        class_cosines(real_a, y, model.mu),
+        class_cosines(synth_a, synth_y, model.mu),
+    )
+
+
 def log_to_tensorboard(folder: RunFolder, metrics: dict[str, Any]) -> None:
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     folder.log_scalars(scalars, 0)
@@ -146,4 +198,12 @@ def summary(metrics: dict[str, Any]) -> str:
         f"{c['class']:>5}  {c['kappa_weights']:>14.2f}  {c['kappa_fitted_test']:>13.2f}  {c['mean_direction_cos_mu']:>17.3f}  {c['mean_cos_real']:>8.3f}  {c['mean_cos_synthetic']:>9.3f}  {c['ks_distance']:.3f}"
         for c in metrics["per_class"]
     ]
+    if metrics["options"]:
+        lines.append(
+            "vmf options (mean over classes): direction  kappa  mean kappa  cos real  cos synth  KS  synthetic_to_real_acc"
+        )
+        lines += [
+            f"{o['direction']:>10} {o['kappa']:>8} {o['mean_kappa']:>11.1f} {o['mean_cos_real']:>9.3f} {o['mean_cos_synthetic']:>10.3f} {o['mean_ks_distance']:.3f}  {o['synthetic_to_real_acc']:.4f}"
+            for o in metrics["options"]
+        ]
     return "\n".join(lines)

@@ -89,7 +89,7 @@ def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
     def train_epoch(epoch: int) -> dict[str, float]:
         start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
         batches = device_batches(
-            data.x_train,
+            setup.images,
             setup.conditions,
             settings.batch_size,
             device,

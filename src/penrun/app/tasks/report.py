@@ -1,7 +1,10 @@
-"""task=report: a sweep's metrics.json files -> report.md, report.csv, curves.png (in sweep_dir).
+"""task=report: a sweep's metrics.json files -> report.md, report.csv, runs.csv, curves.png
+(in sweep_dir).
 
 Runs are grouped by what their configs differ in, apart from the seed; each cell is the mean
-+- std over the seeds of a group. A run folder without a complete metrics.json is reported as
++- std over the seeds of a group. With `report.baseline=ROW`, a second table gives each other
+row's paired difference to that row (over the seeds both ran) with a 95 % paired-t confidence
+interval. runs.csv holds one line per run with raw numbers. A run folder without a complete metrics.json is reported as
 missing, with why: interrupted (and after how many epochs), failed (with the error), or never
 started. The layout is the same whichever Hydra launcher ran the sweep.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from scipy.stats import t
 
 from penrun.app.config import job_folder
 from penrun.app.errors import ConfigError
@@ -120,12 +124,72 @@ def table(
     return "\n".join(md), [header, *body]
 
 
+def paired_table(
+    runs: list[RunRecord], rows: list[str], columns: list[str], values: list[str], baseline: str
+) -> str:
+    """Each row's mean difference to the baseline row over the seeds both ran, per column
+    group and metric, with a 95 % paired-t confidence interval."""
+    groups = group_runs(runs, rows)
+    names = {" ".join(key): key for key in groups}
+    if baseline not in names:
+        raise ConfigError(f"report.baseline={baseline!r} is not a row of the table; rows: {sorted(names)}")
+    col_groups = sorted(group_runs(runs, columns)) if columns else [()]
+
+    def by_seed(members: list[RunRecord], col: tuple, metric: str) -> dict[str, float]:
+        return {
+            str(r.value("seed")): float(r.value(metric))
+            for r in members
+            if tuple(str(r.value(k)) for k in columns) == col and r.value(metric) is not None
+        }
+
+    header = [*rows] + [" ".join([*col, f"{v} - {baseline}"]).strip() for col in col_groups for v in values]
+    lines = []
+    for key, members in sorted(groups.items()):
+        if key != names[baseline]:
+            cells = []
+            for col in col_groups:
+                for v in values:
+                    mine, base = by_seed(members, col, v), by_seed(groups[names[baseline]], col, v)
+                    cells.append(
+                        paired_difference([mine[s] - base[s] for s in sorted(mine.keys() & base.keys())])
+                    )
+            lines.append([*key, *cells])
+    md = [
+        f"Paired differences to `{baseline}` over shared seeds: mean [95 % CI, paired t] (n pairs).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    return "\n".join(md + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def paired_difference(diffs: list[float]) -> str:
+    """mean [low, high] (n) of paired differences; a 95 % paired-t interval needs n >= 2."""
+    if not diffs:
+        return "-"
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.4f} (n=1)"
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] (n={len(diffs)})"
+
+
+def run_lines(runs: list[RunRecord], keys: list[str], values: list[str]) -> list[list[Any]]:
+    """One line per run (for pandas): its folder, the table's keys, the seed, raw values."""
+    header = ["folder", *keys, "seed", *values]
+    return [header] + [
+        [r.folder.name, *(r.value(k) for k in keys), r.value("seed"), *(r.value(v) for v in values)]
+        for r in sorted(runs, key=lambda r: str(r.folder))
+    ]
+
+
 def render(
     sweep_dir: Path,
     rows: list[str] | None,
     columns: list[str] | None,
     values: list[str] | None,
     curve: str | None,
+    baseline: str | None = None,
     out_dir: Path | None = None,
 ) -> str:
     """Write report.md, report.csv and curves.png into out_dir (default: sweep_dir); return
@@ -138,6 +202,8 @@ def render(
     columns = columns or []
     values = values or [f for f in numeric_fields(runs) if not f.startswith("teacher_")][:8]
     md, csv_rows = table(runs, rows, columns, values)
+    if baseline is not None:
+        md += "\n\n" + paired_table(runs, rows, columns, values, baseline)
     seeds = sorted({str(r.value("seed")) for r in runs})
     text = [
         f"# Report of {sweep_dir}",
@@ -154,6 +220,9 @@ def render(
     buf = io.StringIO()
     csv.writer(buf).writerows(csv_rows)
     atomic_write(out_dir / "report.csv", lambda p: p.write_text(buf.getvalue()))
+    tidy = io.StringIO()
+    csv.writer(tidy).writerows(run_lines(runs, [*rows, *columns], values))
+    atomic_write(out_dir / "runs.csv", lambda p: p.write_text(tidy.getvalue()))
     if curve:
         plot_curves(runs, rows + columns, curve, out_dir / "curves.png")
     return report
@@ -194,7 +263,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **layout_from_runs(sweep_dir),
         **{k: v for k, v in OmegaConf.to_container(cfg.report).items() if v},
     }
-    table_layout = [layout.get(key) for key in ("rows", "columns", "values", "curve")]
+    table_layout = [layout.get(key) for key in ("rows", "columns", "values", "curve", "baseline")]
     out_dir = sweep_dir
     try:
         try:
@@ -205,7 +274,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from err
     log.info(text)
-    log.info(f"wrote {out_dir / 'report.md'}, report.csv" + (", curves.png" if layout.get("curve") else ""))
+    log.info(
+        f"wrote {out_dir / 'report.md'}, report.csv, runs.csv"
+        + (", curves.png" if layout.get("curve") else "")
+    )
     return {"task": "report", "sweep_dir": str(sweep_dir)}
 
 

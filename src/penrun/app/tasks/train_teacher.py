@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from penrun.app.config import classifier_spec, load_data, start_task
+from penrun.app.config import classifier_spec, load_data, start_task, validation_split
 from penrun.train.classifier import train_classifier
 
 log = logging.getLogger(__name__)
@@ -17,11 +17,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings, folder, done = start_task(cfg)
     if done is not None:
         return done
-    data = load_data(cfg)
-    log.info(data.describe())
+    data, validation = validation_split(cfg, load_data(cfg))
+    log.info(f"{data.describe()}; {0 if validation is None else len(validation[1])} held out for validation")
     spec = classifier_spec(cfg, "teacher", data)
-    metrics = train_classifier(folder, spec, data, settings, seed=cfg.seed)
+    metrics = train_classifier(folder, spec, data, settings, seed=cfg.seed, validation=validation)
     log.info(
-        f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (best {metrics['best_test_acc']:.4f}) -> {folder.dir}"
+        f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (last epoch; best "
+        f"{'validation' if validation else 'test'} epoch {metrics['selected_epoch']}) -> {folder.dir}"
     )
     return metrics

@@ -37,7 +37,7 @@ def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
     def train_epoch(epoch: int) -> dict[str, float]:
         beta = kl_weight(epoch, cfg.vae.kl_warmup_epochs)
         batches = device_batches(
-            data.x_train,
+            setup.images,
             setup.conditions,
             settings.batch_size,
             settings.device,
