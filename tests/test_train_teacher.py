@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from penrun.app.errors import ConfigError
+from penrun.data import load_dataset
 from penrun.errors import InputError
-from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_classifier
 from penrun.train.files import exclusive_lock
 
 from conftest import finish, run_task, start_cli
@@ -80,6 +81,11 @@ def test_run_folder_is_complete(digits_run: Path) -> None:
     val = [row["val_acc"] for row in metrics["history"]]
     assert metrics["selected_epoch"] == val.index(max(val)) + 1 and metrics["val_size"] == 143
     assert metrics["test_acc"] > 0.9
+    # test_acc is last.pt's (the weights later tasks load), whichever epoch validation chose.
+    model, _ = load_classifier(digits_run / "checkpoints" / "last.pt")
+    test = load_dataset("digits")
+    correct = (model(test.x_test.float() / 127.5 - 1).argmax(1) == test.y_test).float().mean().item()
+    assert metrics["test_acc"] == pytest.approx(correct, abs=1e-6)
     assert (digits_run / ".hydra" / "config.yaml").exists()
     assert list((digits_run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("last.pt", "best.pt"):

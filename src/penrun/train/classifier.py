@@ -43,10 +43,10 @@ def train_classifier(
     validation set the epochs are scored on it (best.pt, selected_epoch) and the test split is
     evaluated once, at the end; without one, every epoch on the test split."""
     model, history = fit_classifier(folder, spec, data, settings, seed, validation)
-    record_statistics(folder, model, data, settings)
+    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)  # last weights
+    record_statistics(folder, model, data, settings)  # leaves best.pt's weights in `model`
     monitor = "val_acc" if validation is not None else "test_acc"
     curve = [row[monitor] for row in history]
-    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)
     metrics = {
         "task": "train_teacher",
         "test_acc": accuracy(logits, data.y_test),
