@@ -146,3 +146,24 @@ def test_a_checkpoint_without_statistics_is_refused_then_completed_by_record_sta
     # matched agrees with the real test activations' mean cosine far better than the weights' kappa.
     gap = {key: abs(o["mean_cos_synthetic"] - o["mean_cos_real"]) for key, o in options.items()}
     assert gap["weights", "matched"] < 0.05 < gap["weights", "weights"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["task=train_teacher", "data.val_size=1437"],
+            "data.val_size=1437 must be at least 0 and smaller than the training split of digits (1437 examples)",
+        ),
+        (
+            ["task=distill", "distill.val_per_class=200"],
+            "distill.val_per_class=200 asks for more examples per class than there are (the rarest class has",
+        ),
+    ],
+)
+def test_a_validation_split_larger_than_the_training_split_is_refused(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    proc = run_main([*args, f"paths.output_dir={tmp_path}"], tmp_path, capsys)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not list(tmp_path.rglob("last.pt"))  # refused before any training
