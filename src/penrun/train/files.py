@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from penrun.train import distributed
 
@@ -48,18 +48,33 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def exclusive_lock(path: Path, wait: bool) -> IO | None:
-    """An exclusive lock on `path` between processes, held while the returned handle is open
-    (the system drops it when the process dies, even by SIGKILL); None when another process
-    holds it and `wait` is false."""
+class HeldLock:
+    """An acquired lock between processes; `close()` (or leaving a `with` block) releases it."""
+
+    def __init__(self, lock: FileLock):
+        self._lock = lock
+
+    def close(self) -> None:
+        self._lock.release(force=True)
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def exclusive_lock(path: Path, wait: bool) -> HeldLock | None:
+    """An exclusive lock on `path` between processes (the `filelock` package: flock on POSIX,
+    msvcrt on Windows; the system drops it when the process dies, even by SIGKILL); None when
+    another process holds it and `wait` is false."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a")  # noqa: SIM115 (the caller keeps it open as long as it holds the lock)
+    lock = FileLock(path)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        handle.close()
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
         return None
-    return handle
+    return HeldLock(lock)
 
 
 def save_json(path: Path, obj: Any) -> None:

@@ -7,12 +7,12 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import load_checkpoint
-from penrun.train.files import exclusive_lock, save_json
+from penrun.train.files import HeldLock, exclusive_lock, save_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RunFolder:
         self.last_path = self.dir / "checkpoints" / "last.pt"
         self.best_path = self.dir / "checkpoints" / "best.pt"
         self._writer = None
-        self._lock: IO | None = None
+        self._lock: HeldLock | None = None
         self._log: logging.Handler | None = None
 
     def claim(self) -> bool:
