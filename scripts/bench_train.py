@@ -57,7 +57,7 @@ def bare_loop(spec: dict, data, settings: TrainerSettings, epochs: int, seed: in
 
 def penrun_loop(spec: dict, data, settings: TrainerSettings, seed: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        run = RunFolder(tmp, {"bench": True}, progress=False)
+        run = RunFolder(tmp, {"bench": True})
         start = time.perf_counter()
         model, history = fit_classifier(run, spec, data, settings, seed)
         train_time = time.perf_counter() - start

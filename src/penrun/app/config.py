@@ -128,7 +128,7 @@ def job_folder() -> Path:
 
 
 def open_folder(cfg: DictConfig, directory: Path | None = None) -> RunFolder:
-    return RunFolder(directory or job_folder(), run_config(cfg), progress=bool(cfg.trainer.progress))
+    return RunFolder(directory or job_folder(), run_config(cfg))
 
 
 # The folders this process opened for its current job: the entry point closes them when the

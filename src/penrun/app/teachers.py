@@ -109,7 +109,7 @@ def _train_cached(
     path = (
         Path(cfg.paths.output_dir) / cache / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
     )
-    folder = RunFolder(path, identity, progress=bool(cfg[trainer_key].progress))
+    folder = RunFolder(path, identity)
     settings = trainer_settings(cfg, trainer_key)
     # Parallel jobs of a sweep that need the same classifier: one trains it, the others wait.
     with cache_lock(path):

@@ -393,7 +393,8 @@ def fit_kappa_from_activations(h: Tensor, y: Tensor, num_classes: int) -> dict[s
     mean = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device)
     mean.index_add_(0, y, a).div_(count.clamp_min(1).unsqueeze(1))
     length = torch.linalg.vector_norm(mean, dim=1)
-    valid = (count >= 2) & (length < 1)
+    # Identical directions give R = 1 only up to rounding (two copies of (1, 1, 0): 1 - 1.1e-16).
+    valid = (count >= 2) & (length < 1 - 1e-12)
     kappa = fit_kappa(torch.where(valid, length, 0.0), h.shape[1])
     return {
         "count": count,

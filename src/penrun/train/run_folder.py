@@ -43,10 +43,9 @@ class RunFolder:
     """A run folder: metrics.json, checkpoints/, tensorboard/. Knows whether the run is
     finished (reuse it), interrupted (resume from last.pt) or new."""
 
-    def __init__(self, directory: str | os.PathLike, config: dict[str, Any], progress: bool = True):
+    def __init__(self, directory: str | os.PathLike, config: dict[str, Any]):
         self.dir = Path(directory)
         self.config = config
-        self.progress = progress
         self.metrics_path = self.dir / "metrics.json"
         self.last_path = self.dir / "checkpoints" / "last.pt"
         self.best_path = self.dir / "checkpoints" / "best.pt"

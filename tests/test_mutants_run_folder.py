@@ -1,0 +1,192 @@
+"""Tests that kill mutants of penrun.train.run_folder that the other tests let survive
+(MUTATION.md). The training tests reach the run folder only end to end; these check each of its
+methods on a temporary folder, against contents written out by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from penrun.train import distributed, run_folder
+from penrun.train.checkpoint import CHECKPOINT_FORMAT
+from penrun.train.run_folder import FolderRefused, RunFolder, config_difference, flatten, read_json
+
+CONFIG = {"task": {"name": "fit"}, "seed": 0}
+
+
+def not_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend to be a rank other than 0 under torchrun."""
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+
+
+def test_flatten_and_config_difference_by_hand() -> None:
+    tree = {"a": {"b": 1, "c": {"d": [2]}}, "e": None}
+    assert flatten(tree) == {"a.b": 1, "a.c.d": [2], "e": None}
+    assert flatten({}) == {}
+    assert config_difference(tree, tree) == []
+    old, new = {"a": {"b": 1}, "x": 2}, {"a": {"b": 3}, "y": "s"}
+    assert config_difference(old, new) == ["a.b: 1 -> 3", "x: 2 -> '<unset>'", "y: '<unset>' -> 's'"]
+
+
+def test_read_json_takes_objects_only(tmp_path: Path) -> None:
+    cases = {"object": '{"a": 1}', "list": "[1, 2]", "broken": '{"a": ', "empty": ""}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+    assert read_json(tmp_path / "object") == {"a": 1}
+    for name in ("list", "broken", "empty", "missing"):
+        assert read_json(tmp_path / name) is None, name
+    assert read_json(tmp_path) is None  # a folder: an OSError, not a crash
+
+
+def test_a_new_folder_has_nothing_to_reuse_or_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = RunFolder(tmp_path / "run", CONFIG)
+    assert folder.metrics_path == tmp_path / "run" / "metrics.json"
+    assert folder.last_path == tmp_path / "run" / "checkpoints" / "last.pt"
+    assert folder.best_path == tmp_path / "run" / "checkpoints" / "best.pt"
+    with caplog.at_level(logging.WARNING):
+        assert folder.finished_metrics() is None
+        assert folder.load_last() is None
+    assert caplog.records == []  # a missing metrics.json is no cause for a warning
+
+
+def test_metrics_round_trip_and_only_a_complete_run_is_reused(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path, CONFIG)
+    folder.write_metrics({"test_acc": 0.5}, "interrupted")
+    expected = {"test_acc": 0.5, "status": "interrupted", "config": CONFIG}
+    assert json.loads(folder.metrics_path.read_text()) == expected
+    assert folder.finished_metrics() is None
+    folder.write_metrics({"test_acc": 0.75}, "complete")
+    assert folder.finished_metrics() == {"test_acc": 0.75, "status": "complete", "config": CONFIG}
+
+
+def test_a_folder_of_another_config_is_refused_naming_five_differences(tmp_path: Path) -> None:
+    old = {f"k{i}": i for i in range(7)}
+    RunFolder(tmp_path, old).write_metrics({}, "complete")
+    folder = RunFolder(tmp_path, {f"k{i}": i + 1 for i in range(7)})
+    with pytest.raises(FolderRefused) as refused:
+        folder.finished_metrics()
+    message = str(refused.value)
+    assert "metrics.json differs in k0: 0 -> 1; k1: 1 -> 2; k2: 2 -> 3; k3: 3 -> 4; k4: 4 -> 5)" in message
+    assert "k5" not in message
+    folder.check_same_config(None, folder.metrics_path)  # a file without a config is not refused
+
+
+def write_last(folder: RunFolder, config: dict) -> None:
+    folder.last_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "epoch": 2}, folder.last_path)
+
+
+def test_an_unreadable_metrics_file_is_rebuilt_from_last_pt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = RunFolder(tmp_path, CONFIG)
+    write_last(folder, CONFIG)
+    folder.metrics_path.write_text('{"status": "compl')
+    with caplog.at_level(logging.WARNING):
+        assert folder.finished_metrics() is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder.metrics_path} is unreadable: rebuilding it from last.pt"
+    ]
+    assert folder.load_last()["epoch"] == 2
+    write_last(folder, {**CONFIG, "seed": 1})
+    with pytest.raises(FolderRefused, match=r"last\.pt differs in seed: 1 -> 0\)"):
+        folder.finished_metrics()  # last.pt of another run: refused before anything is written
+
+
+def test_claim_holds_the_folder_until_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = RunFolder(tmp_path, CONFIG), RunFolder(tmp_path, CONFIG)
+    assert first.claim() is True
+    assert (tmp_path / ".lock").is_file()  # the name the CLI knows when it tidies a folder
+    with pytest.raises(FolderRefused) as refused:
+        second.claim()
+    assert str(refused.value) == (
+        f"run folder {tmp_path} is in use by another penrun process; wait for it to end "
+        "(launching the same command again then resumes or reuses the run)"
+    )
+    first.close()
+    first.close()  # closing twice is harmless
+    assert second.claim() is True
+    second.start_log()
+    second.close()
+    second.close()
+    monkeypatch.setattr(
+        run_folder, "exclusive_lock", lambda *a, **k: (_ for _ in ()).throw(PermissionError())
+    )
+    assert RunFolder(tmp_path, CONFIG).claim() is False  # read-only: a finished run is still readable
+
+
+def test_other_ranks_neither_lock_nor_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    not_main(monkeypatch)
+    folder = RunFolder(tmp_path, CONFIG)
+    assert folder.claim() is True
+    folder.start_log()
+    assert folder.writer.add_scalar("loss", 1.0, 0) is None
+    folder.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+class RecordingWriter:
+    def __init__(self) -> None:
+        self.scalars: list[tuple] = []
+        self.flushes = 0
+        self.closed = False
+
+    def add_scalar(self, key: str, value: float, step: int) -> None:
+        self.scalars.append((key, value, step))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_log_scalars_writes_the_numbers_but_the_epoch(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path, CONFIG)
+    folder._writer = writer = RecordingWriter()
+    folder.log_scalars({"epoch": 3, "loss": 0.5, "correct": 7, "status": "ok", "history": [1.0]}, step=9)
+    assert writer.scalars == [("loss", 0.5, 9), ("correct", 7, 9)]
+    assert writer.flushes == 1
+    folder.close()
+    assert writer.closed and folder._writer is None
+
+
+def test_the_writer_writes_tensorboard_events_into_the_folder(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path, CONFIG)
+    writer = folder.writer
+    assert folder.writer is writer
+    folder.log_scalars({"loss": 0.5}, step=1)
+    folder.close()
+    assert [p.name.split(".")[0] for p in (tmp_path / "tensorboard").iterdir()] == ["events"]
+
+
+def test_start_log_copies_the_log_with_times_until_close(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path, CONFIG)
+    folder.start_log()
+    log = logging.getLogger("penrun.mutants")
+    log.warning("kept")
+    folder.close()
+    log.warning("after close")
+    lines = (tmp_path / "penrun.log").read_text().splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(
+        r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\]\[penrun\.mutants\]\[WARNING\] kept", lines[0]
+    )
+
+
+def test_remove_orphans_takes_the_temporaries_of_atomic_writes_only(tmp_path: Path) -> None:
+    orphans = [tmp_path / ".metrics.json.abc.tmp", tmp_path / "checkpoints" / ".last.pt.x1.tmp"]
+    kept = [tmp_path / "keep.tmp", tmp_path / ".hidden", tmp_path / "a" / "b" / ".deep.tmp"]
+    for path in orphans + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    RunFolder(tmp_path, CONFIG).remove_orphans()
+    assert [p.exists() for p in orphans] == [False, False]
+    assert [p.exists() for p in kept] == [True, True, True]
