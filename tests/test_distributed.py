@@ -166,3 +166,29 @@ def test_every_training_task_runs_on_two_processes(task: list[str], tmp_path: Pa
     torchrun(["-m", "penrun", *task, *quick, "hydra.run.dir=run"], cwd=tmp_path)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "complete" and len(metrics["history"]) == 1
+
+
+def _two_rank_worker(rank: int, init_file: str, out: str) -> None:
+    """One of two gloo processes: the epoch-loss average and the synthetic seed of its rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        mean = distributed.mean_over_ranks(torch.tensor([1.0 + 2 * rank, 10.0 * rank]))
+        torch.save({"mean": mean, "seed": distributed.rank_seed(7)}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_average_their_losses_and_draw_from_their_own_seeds(tmp_path: Path) -> None:
+    """Epoch losses are averaged over ranks (rank 0 logs 1 and 0, rank 1 logs 3 and 10: every
+    rank then holds 2 and 5); rank 0 keeps the run's seed (it draws as one process would), the
+    other rank gets another."""
+    torch.multiprocessing.spawn(
+        _two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    for result in results:
+        assert result["mean"].tolist() == [2.0, 5.0]
+    assert results[0]["seed"] == 7 and results[1]["seed"] not in (7, results[0]["seed"])
+    assert distributed.rank_seed(7) == 7  # one process

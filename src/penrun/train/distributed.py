@@ -42,6 +42,12 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def rank_seed(seed: int) -> int:
+    """A seed of this rank's own: `seed` itself on rank 0 (which draws as one process would),
+    a distinct one on every other rank (each draws its own synthetic activations)."""
+    return seed + 1_000_003 * rank()
+
+
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 

@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         generator=generator,
     )
     if distributed.rank():  # each rank draws its own synthetic activations; rank 0 as one process
-        generator.manual_seed(cfg.seed + 1_000_003 * distributed.rank())
+        generator.manual_seed(distributed.rank_seed(cfg.seed))
     teacher_accs = {
         "teacher_source_acc": test_accuracy(teacher, source, settings),
         "teacher_transfer_acc": test_accuracy(teacher, transfer, settings),
