@@ -131,9 +131,13 @@ def compare_options(
         return []
     rows = []
     for direction, kappa in OPTIONS:
-        model = PenultimateModel.from_classifier(
-            teacher, stats, cfg.vmf.radius, kappa, cfg.vmf.kappa_scale, direction
-        ).to(dtype=torch.float64)
+        try:
+            model = PenultimateModel.from_classifier(
+                teacher, stats, cfg.vmf.radius, kappa, cfg.vmf.kappa_scale, direction
+            ).to(dtype=torch.float64)
+        except ValueError as err:  # e.g. a class too small to fit a kappa: that option has no row
+            log.info(f"vmf.direction={direction} vmf.kappa={kappa}: {err}")
+            continue
         k = model.num_classes
         real_a, (synth_a, synth_y), real_cos, synth_cos = synthetic_vs_real(
             model, h, y, cfg.fit.samples_per_class, cfg.seed
