@@ -444,3 +444,32 @@ def test_a_run_killed_in_its_second_epoch_resumes_bit_identically(
     assert run_main(args, in_tmp / "whole", capsys).returncode == 0
     (whole,) = (in_tmp / "whole/outputs/runs").glob("*/*")
     assert metrics_of(run) == metrics_of(whole)
+
+
+def test_ctrl_c_says_where_it_stopped_and_the_same_command_resumes(
+    in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the second epoch: one line (no traceback) with exit status 130; the same
+    command then resumes from the first epoch's checkpoint and finishes."""
+    from penrun.app.tasks import distill
+
+    args = [*CACHED["distill"], "trainer.max_epochs=3"]
+    optimize_epoch = distill.optimize_epoch
+
+    def interrupted_in_epoch_2(*a, **kw):
+        if a[-1] == 2:  # optimize_epoch(batches, steps, optimizer, step, settings, epoch)
+            raise KeyboardInterrupt
+        return optimize_epoch(*a, **kw)
+
+    monkeypatch.setattr(distill, "optimize_epoch", interrupted_in_epoch_2)
+    stopped = run_main(args, in_tmp, capsys)
+    assert stopped.returncode == 130
+    assert stopped.stderr == (
+        "penrun: error: interrupted in epoch 2 of 3 (1 saved); run the same command to resume\n"
+    )
+    monkeypatch.setattr(distill, "optimize_epoch", optimize_epoch)
+    resumed = run_main(args, in_tmp, capsys)
+    assert resumed.returncode == 0 and "from epoch 1" in resumed.stdout
+    (run,) = (in_tmp / "outputs/runs").glob("*/*")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and [row["epoch"] for row in metrics["history"]] == [1, 2, 3]

@@ -23,7 +23,7 @@ from penrun.app.errors import composition_error
 from penrun.app.tasks import get_task
 from penrun.errors import InputError
 from penrun.train import distributed
-from penrun.train.loop import TrainingDiverged
+from penrun.train.loop import Interrupted, TrainingDiverged
 from penrun.train.run_folder import FolderRefused
 
 
@@ -100,6 +100,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
+    except KeyboardInterrupt as stop:  # Ctrl-C: the finished epochs are in last.pt
+        where = f" {stop}" if isinstance(stop, Interrupted) else ""
+        fail(f"interrupted{where}; run the same command to resume", status=130)
     except Exception as err:
         if jobs_started:  # an error of penrun's own, after composition: a bug to report
             raise

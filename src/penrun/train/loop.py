@@ -134,6 +134,13 @@ class TrainingDiverged(RuntimeError):
         )
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the epoch it stopped in; last.pt holds the epochs before."""
+
+    def __init__(self, epoch: int, max_epochs: int):
+        super().__init__(f"in epoch {epoch} of {max_epochs} ({epoch - 1} saved)")
+
+
 class NonFiniteWatch:
     """The first step of an epoch whose loss is not finite, found without waiting for the
     device at every step (one check at the end of the epoch)."""
@@ -223,6 +230,8 @@ def train_epochs(
         except TrainingDiverged as err:
             folder.write_metrics({"history": history, "error": str(err)}, status="diverged")
             raise
+        except KeyboardInterrupt:
+            raise Interrupted(epoch, max_epochs) from None
         row = {"epoch": epoch, **trained, **evaluate(epoch)}
         history.append(row)
         log.info(describe_epoch(row, max_epochs))
