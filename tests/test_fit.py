@@ -31,7 +31,7 @@ def test_fit_on_digits(tmp_path: Path, digits_teachers: Teachers) -> None:
     assert metrics["synthetic_to_real_acc"] > 0.5  # far above chance (0.1)
     per_class = metrics["per_class"]
     assert len(per_class) == 10 and all(c["kappa_weights"] == pytest.approx(16.0) for c in per_class)
-    assert all(0 <= c["ks_distance"] <= 1 and c["kappa_fitted_test"] > 0 for c in per_class)
+    assert all(c["kappa_fitted_test"] > 0 for c in per_class)  # a fit for every class (no NaN)
     assert (tmp_path / "run" / "cosine_hist.png").stat().st_size > 1000
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
 

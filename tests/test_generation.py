@@ -181,12 +181,13 @@ def test_each_row_runs_on_digits(
         *TINY,
         *extra,
     ]
+    # A smoke test: one tiny epoch of each row runs end to end and writes its files. The numbers
+    # are checked elsewhere (the metrics by hand in this file, a trained VAE's quality under slow).
     metrics = run_task(overrides, tmp_path, data_dir)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["status"] == "complete" and saved["task"] == task and saved["cond"] == cond
-    for key in ("cond_acc", "frechet", "diversity"):
-        assert isinstance(saved[key], float) and saved[key] >= 0
-    assert 0 <= saved["cond_acc"] <= 1 and len(saved["cond_acc_per_class"]) == 10
+    assert all(isinstance(saved[key], float) for key in ("cond_acc", "frechet", "diversity"))
+    assert len(saved["cond_acc_per_class"]) == 10
     assert saved["samples_per_class"] == 10 and saved["frechet_count"] == 100
     assert [row["epoch"] for row in saved["history"]] == [1]
     assert ("teacher_ckpt" in saved) == (cond == "penultimate")

@@ -141,7 +141,7 @@ def test_networks_take_and_give_images_of_the_data_size(size: int) -> None:
     x, c = torch.rand(3, 1, size, size) * 2 - 1, torch.rand(3, 5)
     vae = ConditionalVAE(1, size, cond_dim=5, z_dim=4, width=4)
     loss, logs = vae.loss(x, c)
-    assert loss.isfinite() and logs["kl"] >= 0
+    assert loss.isfinite() and logs["kl"].isfinite()  # shapes; values: test_the_vae_loss_is_the_negative_elbo
     assert vae.eval()(torch.randn(3, 4), c).shape == (3, 1, size, size)
     gen = Generator(1, size, cond_dim=5, z_dim=4, width=4).eval()
     fake = gen(torch.randn(3, 4), c)
