@@ -21,6 +21,7 @@ from penrun.train.loop import (
     optimize_epoch,
     predict,
     stability,
+    test_accuracy,
     train_epochs,
     train_steps,
 )
@@ -29,6 +30,12 @@ from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
 Validation = tuple[torch.Tensor, torch.Tensor]  # (x_val, y_val) held out of the training split
+
+
+def monitored(validation: Validation | None) -> str:
+    """The per-epoch score that chooses best.pt: validation accuracy, or test accuracy without a
+    validation set."""
+    return "val_acc" if validation is not None else "test_acc"
 
 
 def train_classifier(
@@ -43,13 +50,13 @@ def train_classifier(
     validation set the epochs are scored on it (best.pt, selected_epoch) and the test split is
     evaluated once, at the end; without one, every epoch on the test split."""
     model, history = fit_classifier(folder, spec, data, settings, seed, validation)
-    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)  # last weights
+    test_acc = test_accuracy(model, data, settings)  # last weights
     record_statistics(folder, model, data, settings)  # leaves best.pt's weights in `model`
-    monitor = "val_acc" if validation is not None else "test_acc"
+    monitor = monitored(validation)
     curve = [row[monitor] for row in history]
     metrics = {
         "task": "train_teacher",
-        "test_acc": accuracy(logits, data.y_test),
+        "test_acc": test_acc,
         f"best_{monitor}": max(curve),
         "selected_epoch": curve.index(max(curve)) + 1,
         "stability": stability(curve),
@@ -94,9 +101,8 @@ def fit_classifier(
         )
         return optimize_epoch(batches, steps, optimizer, parallel_step, settings, epoch)
 
-    monitor, (x_eval, y_eval) = (
-        ("val_acc", validation) if validation else ("test_acc", (data.x_test, data.y_test))
-    )
+    monitor = monitored(validation)
+    x_eval, y_eval = validation if validation is not None else (data.x_test, data.y_test)
     eval_images = network_input(x_eval, device)
 
     def evaluate(epoch: int) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from penrun.data import epoch_batches, normalize, num_batches
+from penrun.data import ImageData, epoch_batches, normalize, num_batches
 from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import checkpoint_payload, restore_random_states
@@ -193,6 +193,12 @@ def predict(
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).float().mean().item()
+
+
+def test_accuracy(model: nn.Module, data: ImageData, settings: TrainerSettings) -> float:
+    """A classifier's accuracy on the test split of `data`."""
+    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)
+    return accuracy(logits, data.y_test)
 
 
 def train_epochs(

@@ -42,6 +42,7 @@ from penrun.train.loop import (
     optimize_epoch,
     predict,
     stability,
+    test_accuracy,
     train_epochs,
     train_steps,
 )
@@ -105,8 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         settings,
         cfg.seed,
     )
-    other = protocol.other_domain
-    final = {f"{other}_acc": test_accuracy(student, getattr(protocol, other), settings)}
+    final = {f"{protocol.other_domain}_acc": test_accuracy(student, protocol.other_data, settings)}
     metrics = final_metrics(
         history,
         final,
@@ -246,13 +246,16 @@ class Protocol:
         return f"{self.domain}_acc"
 
     @property
+    def test_data(self) -> ImageData:
+        return self.transfer if self.labelled else self.source
+
+    @property
+    def other_data(self) -> ImageData:
+        return self.source if self.labelled else self.transfer
+
+    @property
     def val_metric(self) -> str:
         return "val_acc" if self.labelled else "val_agreement"
-
-
-def test_accuracy(model: Classifier, data: ImageData, settings: TrainerSettings) -> float:
-    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)
-    return accuracy(logits, data.y_test)
 
 
 def reads_teacher_images(weights: dict[str, float], labelled: bool) -> bool:
@@ -309,7 +312,7 @@ def train_student(
         )
         return optimize_epoch(batches, steps, optimizer, parallel_step, settings, epoch)
 
-    test_set = getattr(protocol, protocol.domain)
+    test_set = protocol.test_data
     test_images = network_input(test_set.x_test, device)
 
     val_images = network_input(validation[0], device)
