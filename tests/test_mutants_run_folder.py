@@ -190,3 +190,15 @@ def test_remove_orphans_takes_the_temporaries_of_atomic_writes_only(tmp_path: Pa
     RunFolder(tmp_path, CONFIG).remove_orphans()
     assert [p.exists() for p in orphans] == [False, False]
     assert [p.exists() for p in kept] == [True, True, True]
+
+
+def test_ranks_other_than_zero_leave_the_temporaries_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun rank 0 holds the folder and writes its files; a temporary file there may be
+    rank 0's write in flight, which another rank must not delete."""
+    in_flight = tmp_path / ".config.yaml.abc.tmp"
+    in_flight.write_text("being written")
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    RunFolder(tmp_path, CONFIG).remove_orphans()
+    assert in_flight.exists()

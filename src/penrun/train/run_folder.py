@@ -130,8 +130,10 @@ class RunFolder:
         logging.getLogger().addHandler(self._log)
 
     def remove_orphans(self) -> None:
-        """Temporary files that a killed atomic write left behind (only the holder of the
-        folder calls this, so none of them is being written)."""
+        """Temporary files that a killed atomic write left behind. Only the folder's holder
+        removes them (rank 0 under torchrun: another rank would delete rank 0's writes in flight)."""
+        if not distributed.is_main():
+            return
         for pattern in (".*.tmp", "*/.*.tmp"):
             for orphan in self.dir.glob(pattern):
                 orphan.unlink(missing_ok=True)
