@@ -14,7 +14,14 @@ import torch
 
 from penrun.train import distributed, run_folder
 from penrun.train.checkpoint import CHECKPOINT_FORMAT
-from penrun.train.run_folder import FolderRefused, RunFolder, config_difference, flatten, read_json
+from penrun.train.run_folder import (
+    FolderRefused,
+    RunFolder,
+    config_difference,
+    flatten,
+    provenance,
+    read_json,
+)
 
 CONFIG = {"task": {"name": "fit"}, "seed": 0}
 
@@ -59,11 +66,13 @@ def test_a_new_folder_has_nothing_to_reuse_or_resume(
 def test_metrics_round_trip_and_only_a_complete_run_is_reused(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path, CONFIG)
     folder.write_metrics({"test_acc": 0.5}, "interrupted")
-    expected = {"test_acc": 0.5, "status": "interrupted", "config": CONFIG}
+    stamp = provenance()
+    expected = {"test_acc": 0.5, "status": "interrupted", "penrun": stamp, "config": CONFIG}
     assert json.loads(folder.metrics_path.read_text()) == expected
     assert folder.finished_metrics() is None
     folder.write_metrics({"test_acc": 0.75}, "complete")
-    assert folder.finished_metrics() == {"test_acc": 0.75, "status": "complete", "config": CONFIG}
+    done = {"test_acc": 0.75, "status": "complete", "penrun": stamp, "config": CONFIG}
+    assert folder.finished_metrics() == done
 
 
 def test_a_folder_of_another_config_is_refused_naming_five_differences(tmp_path: Path) -> None:

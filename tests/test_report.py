@@ -131,3 +131,35 @@ def test_an_unknown_baseline_row_is_refused_with_the_rows(tmp_path: Path) -> Non
             ["task=report", f"sweep_dir={tmp_path}", "report.rows=[method]", "report.baseline=CE"],
             tmp_path / "job",
         )
+
+
+def test_a_search_chooses_per_row_the_setting_with_the_best_mean(tmp_path: Path) -> None:
+    """Per method, the tau whose mean over seeds is highest; a single lucky seed loses to a
+    better mean, and a tie keeps the first tau in order."""
+    scores = {
+        ("kd", 1.0): [0.70, 0.72],
+        ("kd", 4.0): [0.60, 0.90],  # the best single seed, the best mean (0.75)
+        ("kd", 16.0): [0.74, 0.74],
+        ("st", 1.0): [0.80, 0.80],  # tie with 4.0: 1.0 comes first
+        ("st", 4.0): [0.79, 0.81],
+        ("st", 16.0): [0.95, 0.50],
+    }
+    for (method, tau), values in scores.items():
+        for seed, acc in enumerate(values):
+            folder = tmp_path / f"{method}-{tau}-{seed}"
+            folder.mkdir()
+            config = {"method": method, "seed": seed, "distill": {"tau": tau}}
+            metrics = {"status": "complete", "best_val_acc": acc, "config": config}
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+    run_task(
+        ["task=report", f"sweep_dir={tmp_path}", "report.rows=[method,distill.tau]",
+         "report.values=[best_val_acc]", "report.choose=[distill.tau]"],
+        tmp_path / "job",
+    )  # fmt: skip
+    with open(tmp_path / "chosen.csv") as f:
+        chosen = list(csv.DictReader(f))
+    assert [(r["method"], r["distill.tau"], r["mean best_val_acc"], r["runs"]) for r in chosen] == [
+        ("kd", "4.0", "0.7500", "2"),
+        ("st", "1.0", "0.8000", "2"),
+    ]
+    assert "| kd | 4.0 | 0.7500 | 2 |" in (tmp_path / "report.md").read_text()

@@ -194,18 +194,23 @@ def test_launchers_share_teachers_and_resume_each_others_sweeps(
 
 
 @pytest.mark.parametrize(
-    ("arg", "package"),
+    ("arg", "message"),
     [
-        ("hydra/launcher=joblib", "hydra-joblib-launcher"),
-        ("launcher=slurm", "hydra-submitit-launcher"),
-        ("hydra/launcher=submitit_local", "hydra-submitit-launcher"),
+        (
+            "hydra/launcher=joblib",
+            "launcher plugin 'hydra-joblib-launcher'.*: pip install hydra-joblib-launcher$",
+        ),
+        ("hydra/launcher=submitit_local", "launcher plugin 'hydra-submitit-launcher'.*penrun\\[cluster\\]"),
+        ("launcher=slurm", "launcher plugin 'hydra-submitit-launcher'.*penrun\\[cluster\\]"),
+        ("hydra/sweeper=optuna", "sweeper plugin 'hydra-optuna-sweeper'.*penrun\\[search\\]"),
+        ("hparams_search=distill_optuna", "sweeper plugin 'hydra-optuna-sweeper'.*penrun\\[search\\]"),
     ],
 )
-def test_a_missing_launcher_plugin_names_its_package(
-    arg: str, package: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+def test_a_missing_plugin_names_its_package(
+    arg: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(sweeps.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=rf"needs the Hydra launcher plugin '{package}'"):
+    with pytest.raises(ConfigError, match=rf"{arg} needs the Hydra {message}"):
         sweeps.check_launcher_plugins(["-m", arg, "seed=0,1"])
 
     from penrun.app.cli import main
@@ -214,7 +219,7 @@ def test_a_missing_launcher_plugin_names_its_package(
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
-    assert "pip install 'penrun[cluster]'" in capsys.readouterr().err
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_installed_launchers_pass_the_check() -> None:
@@ -228,12 +233,36 @@ def test_the_plan_expands_an_experiments_own_sweep() -> None:
             "config", overrides=["experiment=generation", "trainer.lr=0.01"], return_hydra_config=True
         )
         jobs = sweeps.plan_jobs(cfg)
-    # task x gen.cond x data x seed from the experiment, each with the command line's lr
-    assert len(jobs) == 2 * 2 * 2 * 3 == len({job.folder for job in jobs})
+    # task x conditions (kappa_arm) x data x seed from the experiment, each with the command line's lr
+    assert len(jobs) == 2 * 4 * 2 * 5 == len({job.folder for job in jobs})
     last = jobs[-1]
     assert last.folder == Path(
-        "outputs/multirun/generation/gan/data=mnist,experiment=generation,gen.cond=penultimate,seed=2,trainer.lr=0.01"
+        "outputs/multirun/generation/gan/+kappa_arm=class_mean_fitted,data=mnist,experiment=generation,seed=14,trainer.lr=0.01"
     )
     assert last.config["task"]["name"] == "gan" and last.config["trainer"]["max_epochs"] == 10
+    assert last.config["vmf"]["direction"] == "class_mean" and last.config["gen"]["cond"] == "penultimate"
+    first = jobs[0]  # kappa_arm=baseline: one-hot conditions
+    assert first.config["task"]["name"] == "vae" and first.config["gen"]["cond"] == "onehot"
     assert last.config["trainer"]["lr"] == 0.01
     assert "hydra" not in last.config and "paths" not in last.config
+
+
+def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_path: Path) -> None:
+    """hparams_search=distill_optuna, 3 trials: every job returns its best_val_acc (not a test
+    score) and Optuna's best value is the best of the three."""
+    import yaml
+
+    finish(
+        start_cli(
+            ["-m", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=3", "+row_labelled=ce_kd",
+             "distill.labels=10", "trainer.max_epochs=2", "teacher_trainer.max_epochs=3"],
+            tmp_path,
+        )
+    )  # fmt: skip
+    sweep = tmp_path / "outputs" / "multirun" / "optuna_distill"
+    trials = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
+    assert len(trials) == 3 and len({(m["config"]["distill"]["tau"]) for m in trials}) == 3
+    assert all(1 <= m["config"]["distill"]["tau"] <= 16 for m in trials)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(m["best_val_acc"] for m in trials))
+    assert best["best_value"] != pytest.approx(max(m["transfer_acc"] for m in trials))

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -40,19 +40,32 @@ def config_dir() -> Path:
 jobs_started: list[str] = []
 
 
+# The number a sweeper that optimizes (hydra/sweeper=optuna) maximizes for each job: the
+# run's validation score, never a test score (generation has no held-out data: its cond_acc
+# scores generated images alone).
+OBJECTIVES = ("best_val_acc", "best_val_agreement", "cond_acc")
+
+
+def objective(metrics: dict[str, Any]) -> float | None:
+    """A job's return value: its first OBJECTIVES metric, None for a task without one."""
+    return next((float(metrics[key]) for key in OBJECTIVES if key in metrics), None)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    """One job. In a sweep a failure is recorded in the job's folder (failed.json) and the
-    sweep goes on; a single run stops with the error."""
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One job, returning its objective. In a sweep a failure is recorded in the job's folder
+    (failed.json) and the sweep goes on; a single run stops with the error."""
     jobs_started.append(cfg.task.name)
     folder = job_folder()
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        get_task(cfg.task.name)(cfg)
+        metrics = get_task(cfg.task.name)(cfg)
     except Exception as err:
         report_failure(err, folder, sweep)
+        return None
     else:
         sweeps.clear_failure(folder)
+        return objective(metrics)
     finally:
         close_folders()
         distributed.shutdown()

@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from penrun.app.errors import config_keys
+from penrun.app.errors import ConfigError, config_keys
 from penrun.app.schema import RUNTIME_KEYS, check_values
 from penrun.data import ImageData, hold_out, load_dataset, subset
 from penrun.errors import InputError
@@ -38,12 +38,35 @@ def trainer_settings(cfg: DictConfig, key: str = "trainer") -> TrainerSettings:
     with config_keys(batch_size=f"{key}.batch_size", device=f"{key}.device"):
         distributed.check_batch_size(trainer.batch_size)
         device = distributed.process_device(resolve_device(trainer.device), trainer.device)
+    if trainer.cuda_graphs:
+        check_cuda_graphs(trainer, key, device)
     names = [f.name for f in dataclasses.fields(TrainerSettings) if f.name != "device"]
     return TrainerSettings(device=device, **{name: trainer[name] for name in names})
 
 
+def check_cuda_graphs(trainer: DictConfig, key: str, device: torch.device) -> None:
+    """CUDA graphs replay a fixed step: they need a CUDA device, a capturable optimizer and one
+    process (DDP's gradient hooks are not captured)."""
+    if trainer.optimizer not in ("adam", "adamw"):
+        raise ConfigError(
+            f"{key}.cuda_graphs=true needs {key}.optimizer=adam or adamw, not {trainer.optimizer!r}"
+        )
+    if device.type != "cuda":
+        raise ConfigError(
+            f"{key}.cuda_graphs=true needs a CUDA device, but {key}.device={trainer.device!r} is {device}; "
+            f"set {key}.cuda_graphs=false"
+        )
+    if distributed.is_distributed():
+        raise ConfigError(f"{key}.cuda_graphs=true runs in one process; under torchrun set it to false")
+
+
 def setup(cfg: DictConfig) -> TrainerSettings:
     """Join torchrun's process group if there is one, then seed and set threads."""
+    if cfg.trainer.cuda_graphs and cfg.task.name != "train_teacher":
+        raise ConfigError(
+            f"trainer.cuda_graphs=true: task={cfg.task.name} trains eagerly; CUDA graphs serve classifier "
+            "training (task=train_teacher, teacher_trainer.cuda_graphs, evaluator_trainer.cuda_graphs)"
+        )
     settings = trainer_settings(cfg)
     distributed.init(settings.device)
     set_threads(settings.num_threads)
@@ -164,7 +187,11 @@ def start_task(
         folder.remove_orphans()
     if done is not None:
         folder.close()
-        log.info(f"{folder.dir} is finished: reusing its results")
+        writer = done.get("penrun") or {"version": "0.2.0 or older", "commit": None}
+        log.info(
+            f"{folder.dir} is finished: reusing its results (written by penrun {writer['version']}"
+            + (f", {writer['commit']})" if writer["commit"] else ")")
+        )
         return settings, folder, done
     folder.start_log()
     save_hydra_files(cfg, folder.dir)

@@ -93,6 +93,10 @@ class TrainerConfig:
     device: str = runtime("auto")
     num_threads: int | None = at_least(None, 1, high=1024, runtime=True)
     progress: bool = runtime(True)
+    # Classifier training replays each optimizer step from a CUDA graph (CUDA, adam/adamw).
+    # Runtime like `device`: the same computation, launched differently (same numbers to
+    # float rounding; tests/test_cuda_graphs.py).
+    cuda_graphs: bool = runtime(False)
 
 
 @dataclass
@@ -149,6 +153,7 @@ class ReportConfig:
     values: list[str] | None = None
     curve: str | None = None
     baseline: str | None = None
+    choose: list[str] | None = None
 
 
 @dataclass

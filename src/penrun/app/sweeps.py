@@ -39,10 +39,12 @@ FAILED_FILE = "failed.json"
 STATUS_FILE = "sweep_status.json"
 
 # hydra/launcher=NAME -> (the plugin's module, its pip package)
-LAUNCHER_PLUGINS = {
-    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
-    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+# Hydra plugins penrun's configs use: (module, pip package, penrun extra that installs it).
+PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", None),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "cluster"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "cluster"),
+    "optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "search"),
 }
 # penrun's own launcher presets (configs/launcher/) and the plugin each one needs.
 LAUNCHER_PRESETS = {"joblib": "joblib", "local": "submitit_local", "slurm": "submitit_slurm"}
@@ -71,17 +73,28 @@ OmegaConf.register_new_resolver("penrun_unnamed_keys", unnamed_keys, replace=Tru
 
 # ---------------------------------------------------------------- launcher plugins
 def check_launcher_plugins(argv: list[str]) -> None:
-    """A launcher asked for on the command line must be installed; name its pip package."""
+    """A launcher or sweeper asked for on the command line (hparams_search=NAME: Optuna's)
+    must be installed; name its pip package."""
     for arg in argv:
         key, _, value = arg.lstrip("+~").partition("=")
-        plugin = {"hydra/launcher": value, "launcher": LAUNCHER_PRESETS.get(value)}.get(key)
-        if plugin not in LAUNCHER_PLUGINS:
+        plugin = {
+            "hydra/launcher": value,
+            "launcher": LAUNCHER_PRESETS.get(value),
+            "hydra/sweeper": value,
+            "hparams_search": "optuna",
+        }.get(key)
+        if plugin not in PLUGINS:
             continue
-        module, package = LAUNCHER_PLUGINS[plugin]
+        module, package, extra = PLUGINS[plugin]
         if importlib.util.find_spec(module) is None:
+            kind = "sweeper" if plugin == "optuna" else "launcher"
+            how = (
+                f"pip install 'penrun[{extra}]' (or pip install {package})"
+                if extra
+                else f"pip install {package}"
+            )
             raise ConfigError(
-                f"{arg} needs the Hydra launcher plugin {package!r}, which is not installed: "
-                f"pip install 'penrun[cluster]' (or pip install {package})"
+                f"{arg} needs the Hydra {kind} plugin {package!r}, which is not installed: {how}"
             )
 
 

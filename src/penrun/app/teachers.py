@@ -48,6 +48,17 @@ def penultimate_model(
         raise ConfigError(f"teacher checkpoint {str(path)!r} cannot define p(a | y): {err}{hint}") from err
 
 
+def vmf_record(vmf: DictConfig, model: PenultimateModel | None) -> dict[str, Any]:
+    """How a run drew activations, for its metrics and reports: the `vmf` option ('none' when
+    the run used no vMF) and the sampler's mean kappa."""
+    if model is None:
+        return {"vmf": "none"}
+    return {
+        "vmf": f"{vmf.direction}/{vmf.kappa} x{vmf.kappa_scale:g}",
+        "vmf_mean_kappa": model.kappa.mean().item(),
+    }
+
+
 def check_fits_data(spec: dict[str, Any], data: ImageData, what: str, path: str | Path) -> None:
     """A classifier checkpoint must take the configured data's images and classes."""
     wanted = {

@@ -8,7 +8,9 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ class TrainerSettings:
     device: torch.device
     num_threads: int | None
     progress: bool
+    cuda_graphs: bool = False
 
 
 # ---------------------------------------------------------------- batches on a device
@@ -110,18 +113,92 @@ def optimize_epoch(
     of the loss and of every logged term as train_<name>, and the epoch's wall time."""
     start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
     bar = progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress)
-    for step, (x, y) in enumerate(bar):
-        position = (epoch - 1 + step / steps) / settings.max_epochs
-        set_lr(optimizer, settings.lr * lr_factor(settings.schedule, position))
-        loss, logs = loss_fn(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        watch.update(loss, step)
-        for name, value in {"loss": loss.detach(), **logs}.items():
-            sums[name] = sums.get(name, 0.0) + value
+    with ExitStack() as stack:
+        if settings.cuda_graphs:
+            stack.enter_context(capturable(optimizer, settings.device))
+            step_fn: StepFn = GraphedStep(optimizer, loss_fn)
+        else:
+            step_fn = partial(eager_step, optimizer, loss_fn)
+        for step, (x, y) in enumerate(bar):
+            position = (epoch - 1 + step / steps) / settings.max_epochs
+            set_lr(optimizer, settings.lr * lr_factor(settings.schedule, position))
+            loss, logs = step_fn(x, y)
+            watch.update(loss, step)
+            for name, value in {"loss": loss.detach(), **logs}.items():
+                sums[name] = sums.get(name, 0.0) + value
     watch.check(epoch)
     return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
+
+
+def eager_step(
+    optimizer: torch.optim.Optimizer, loss_fn: StepFn, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss, logs = loss_fn(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logs
+
+
+class GraphedStep:
+    """Optimizer steps (forward, backward, update) replayed from one CUDA graph per epoch
+    (`trainer.cuda_graphs`): a small network's step is a hundred tiny kernels, which Python
+    launches one by one far slower than the GPU runs them; a replay launches them at once.
+    The first WARMUP steps run eagerly on a side stream (lazy initialization must not happen
+    during capture); a batch of another shape (the epoch's last, partial one) runs eagerly."""
+
+    WARMUP = 3
+
+    def __init__(self, optimizer: torch.optim.Optimizer, loss_fn: StepFn):
+        self.optimizer, self.loss_fn = optimizer, loss_fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.graph is not None and x.shape == self.static_x.shape and y.shape == self.static_y.shape:
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+            self.graph.replay()
+            return self.outputs
+        if self.graph is None and self.eager_steps >= self.WARMUP:
+            return self.capture(x, y)
+        self.graph = None  # a partial batch ends the epoch's replays
+        self.eager_steps += 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = eager_step(self.optimizer, self.loss_fn, x, y)
+        torch.cuda.current_stream().wait_stream(side)
+        return outputs
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.static_x, self.static_y = x.clone(), y.clone()
+        self.optimizer.zero_grad(set_to_none=True)  # the graph allocates (and owns) the gradients
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss, logs = self.loss_fn(self.static_x, self.static_y)
+            loss.backward()
+            self.optimizer.step()
+        self.outputs = (loss, logs)
+        self.graph.replay()  # capturing records the step without running it
+        return self.outputs
+
+
+@contextmanager
+def capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> Iterator[None]:
+    """Adam(W) in its capturable form for one epoch: the learning rate a device tensor that the
+    schedule fills in place, step counters on the device. Restored afterwards, so that
+    checkpoints hold the ordinary form and resume anywhere."""
+    for group in optimizer.param_groups:
+        group["capturable"], group["lr"] = True, torch.tensor(float(group["lr"]), device=device)
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].to(device, torch.float32)
+    try:
+        yield
+    finally:
+        for group in optimizer.param_groups:
+            group["capturable"], group["lr"] = False, float(group["lr"])
 
 
 class TrainingDiverged(RuntimeError):

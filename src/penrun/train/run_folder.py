@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import logging
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,7 +122,8 @@ class RunFolder:
         self.writer.flush()
 
     def write_metrics(self, metrics: dict[str, Any], status: str) -> None:
-        save_json(self.metrics_path, {**metrics, "status": status, "config": self.config})
+        stamped = {**metrics, "status": status, "penrun": provenance(), "config": self.config}
+        save_json(self.metrics_path, stamped)
 
     def start_log(self) -> None:
         """Copy what the process logs into the folder's penrun.log, with times (rank 0)."""
@@ -149,6 +153,30 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+@functools.cache
+def provenance() -> dict[str, str | None]:
+    """The penrun that wrote a run: its version and, run from a source checkout, the git
+    commit (`git describe --dirty`: uncommitted changes show); None for an installed wheel."""
+    checkout = Path(__file__).resolve().parents[3]
+    commit = None
+    if (checkout / "pyproject.toml").exists() and (checkout / ".git").exists():
+        try:
+            described = subprocess.run(
+                ["git", "-C", str(checkout), "describe", "--always", "--dirty", "--abbrev=12"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            commit = described.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        version = importlib.metadata.version("penrun")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH
+        version = "unknown (not installed)"
+    return {"version": version, "commit": commit}
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from penrun.app.config import load_data, start_task
 from penrun.app.errors import ConfigError
-from penrun.app.teachers import obtain_classifier, penultimate_model
+from penrun.app.teachers import obtain_classifier, penultimate_model, vmf_record
 from penrun.core.conditions import (
     ConditionSampler,
     Decoder,
@@ -82,13 +82,13 @@ def condition_sampler(
 ) -> tuple[Classifier | None, ConditionSampler, dict[str, Any]]:
     """The teacher and its vMF model for `gen.cond=penultimate`; labels for `onehot`."""
     if cfg.gen.cond == "onehot":
-        return None, ConditionSampler(data.num_classes), {}
+        return None, ConditionSampler(data.num_classes), vmf_record(cfg.vmf, None)
     teacher, ckpt, path = obtain_classifier(cfg, data)
     model = penultimate_model(teacher, ckpt, path, cfg.vmf)
     return (
         teacher.requires_grad_(False),
         ConditionSampler(data.num_classes, model),
-        {"teacher_ckpt": str(path)},
+        {"teacher_ckpt": str(path), **vmf_record(cfg.vmf, model)},
     )
 
 

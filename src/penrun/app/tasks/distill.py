@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from penrun.app.config import classifier_spec, load_data, start_task
 from penrun.app.errors import ConfigError, config_keys
-from penrun.app.teachers import obtain_classifier, penultimate_model
+from penrun.app.teachers import obtain_classifier, penultimate_model, vmf_record
 from penrun.core.losses import (
     LOSSES,
     SAME_DIM_LOSSES,
@@ -117,7 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         len(y_train),
         len(validation[1]),
         teacher_path,
-    )
+    ) | vmf_record(cfg.vmf, model if any(weights[name] > 0 for name in VMF_LOSSES) else None)
     folder.write_metrics(metrics, status="complete")
     folder.close()
     log.info(summary(metrics))
@@ -181,6 +181,9 @@ def transfer_data(cfg: DictConfig, source: ImageData) -> ImageData:
         )
     return transfer
 
+
+# The terms that draw from the vMF (smooth matches its label smoothing to the synthetic targets).
+VMF_LOSSES = ("synthetic_targets", "synthetic_head", "smooth")
 
 # Every run on a transfer set validates on the same held-out examples, whatever its seed.
 VALIDATION_SEED = 0

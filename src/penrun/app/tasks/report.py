@@ -4,8 +4,9 @@
 Runs are grouped by what their configs differ in, apart from the seed; each cell is the mean
 +- std over the seeds of a group. With `report.baseline=ROW`, a second table gives each other
 row's paired difference to that row (over the seeds both ran) with a 95 % paired-t confidence
-interval. runs.csv holds one line per run with raw numbers. A run folder without a complete metrics.json is reported as
-missing, with why: interrupted (and after how many epochs), failed (with the error), or never
+interval. With `report.choose=[KEYS]` (a search's sweep), a third gives each row's setting of
+those keys with the best mean of the first value (chosen.csv). runs.csv holds one line per run
+with raw numbers. A run folder without a complete metrics.json is reported as missing, with why: interrupted (and after how many epochs), failed (with the error), or never
 started. The layout is the same whichever Hydra launcher ran the sweep.
 """
 
@@ -163,6 +164,29 @@ def paired_table(
     return "\n".join(md + ["| " + " | ".join(line) + " |" for line in lines])
 
 
+def chosen_table(
+    runs: list[RunRecord], rows: list[str], choose: list[str], value: str
+) -> tuple[str, list[list[str]]]:
+    """A search's choice: for each row (its keys apart from the searched ones), the setting of
+    the `choose` keys whose mean `value` over seeds is highest (ties: the first in sort order)."""
+    fixed = [k for k in rows if k not in choose]
+    best: dict[tuple, tuple[float, tuple, int]] = {}
+    for key, members in sorted(group_runs(runs, [*fixed, *choose]).items()):
+        scores = [float(r.value(value)) for r in members if r.value(value) is not None]
+        row, setting = key[: len(fixed)], key[len(fixed) :]
+        if scores and (row not in best or statistics.mean(scores) > best[row][0]):
+            best[row] = (statistics.mean(scores), setting, len(scores))
+    header = [*fixed, *choose, f"mean {value}", "runs"]
+    body = [[*row, *setting, f"{mean:.4f}", str(n)] for row, (mean, setting, n) in sorted(best.items())]
+    md = [
+        f"Chosen per row: the setting of {', '.join(f'`{k}`' for k in choose)} with the highest mean `{value}`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    return "\n".join(md + ["| " + " | ".join(line) + " |" for line in body]), [header, *body]
+
+
 def paired_difference(diffs: list[float]) -> str:
     """mean [low, high] (n) of paired differences; a 95 % paired-t interval needs n >= 2."""
     if not diffs:
@@ -190,6 +214,7 @@ def render(
     values: list[str] | None,
     curve: str | None,
     baseline: str | None = None,
+    choose: list[str] | None = None,
     out_dir: Path | None = None,
 ) -> str:
     """Write report.md, report.csv and curves.png into out_dir (default: sweep_dir); return
@@ -204,6 +229,10 @@ def render(
     md, csv_rows = table(runs, rows, columns, values)
     if baseline is not None:
         md += "\n\n" + paired_table(runs, rows, columns, values, baseline)
+    if choose:
+        chosen_md, chosen_rows = chosen_table(runs, rows, choose, values[0])
+        md += "\n\n" + chosen_md
+        write_csv(out_dir / "chosen.csv", chosen_rows)
     seeds = sorted({str(r.value("seed")) for r in runs})
     text = [
         f"# Report of {sweep_dir}",
@@ -217,15 +246,17 @@ def render(
         text += [f"- `{folder.relative_to(sweep_dir)}`: {why}" for folder, why in missing]
     report = "\n".join(text) + "\n"
     atomic_write(out_dir / "report.md", lambda p: p.write_text(report))
-    buf = io.StringIO()
-    csv.writer(buf).writerows(csv_rows)
-    atomic_write(out_dir / "report.csv", lambda p: p.write_text(buf.getvalue()))
-    tidy = io.StringIO()
-    csv.writer(tidy).writerows(run_lines(runs, [*rows, *columns], values))
-    atomic_write(out_dir / "runs.csv", lambda p: p.write_text(tidy.getvalue()))
+    write_csv(out_dir / "report.csv", csv_rows)
+    write_csv(out_dir / "runs.csv", run_lines(runs, [*rows, *columns], values))
     if curve:
         plot_curves(runs, rows + columns, curve, out_dir / "curves.png")
     return report
+
+
+def write_csv(path: Path, lines: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(lines)
+    atomic_write(path, lambda p: p.write_text(buf.getvalue()))
 
 
 def plot_curves(runs: list[RunRecord], keys: list[str], metric: str, path: Path) -> None:
@@ -263,7 +294,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **layout_from_runs(sweep_dir),
         **{k: v for k, v in OmegaConf.to_container(cfg.report).items() if v},
     }
-    table_layout = [layout.get(key) for key in ("rows", "columns", "values", "curve", "baseline")]
+    table_layout = [layout.get(key) for key in ("rows", "columns", "values", "curve", "baseline", "choose")]
     out_dir = sweep_dir
     try:
         try:
@@ -276,6 +307,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info(text)
     log.info(
         f"wrote {out_dir / 'report.md'}, report.csv, runs.csv"
+        + (", chosen.csv" if layout.get("choose") else "")
         + (", curves.png" if layout.get("curve") else "")
     )
     return {"task": "report", "sweep_dir": str(sweep_dir)}

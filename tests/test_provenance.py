@@ -1,0 +1,30 @@
+"""Every metrics.json says which penrun wrote it; a reused run says so."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import penrun
+
+from conftest import REPO, run_task
+
+
+def test_metrics_name_the_penrun_that_wrote_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    overrides = ["task=train_teacher", "trainer.max_epochs=1"]
+    metrics = run_task(overrides, tmp_path)
+    written = json.loads((Path(metrics["checkpoint"]).parents[1] / "metrics.json").read_text())
+    git = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=12"],
+        capture_output=True,
+        text=True,
+    )
+    assert written["penrun"] == {"version": penrun.__version__, "commit": git.stdout.strip() or None}
+    with caplog.at_level(logging.INFO):
+        again = run_task(overrides, tmp_path)  # the finished run is reused, not retrained
+    assert again["history"] == metrics["history"]
+    assert f"reusing its results (written by penrun {penrun.__version__}" in caplog.text
