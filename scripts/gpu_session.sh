@@ -11,10 +11,10 @@ mkdir -p "$OUT"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/timeline.txt"; }
 
 log "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1); $(nproc) cores"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_vmf.py -k "cuda or graph" \
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_vmf.py -k "cuda or graph" \
   >"$OUT/tests.txt" 2>&1
 log "tests: $(tail -1 "$OUT/tests.txt")"
-timeout 120 python3 scripts/bench_throughput.py --device cuda --variants eager graphs >"$OUT/throughput.md" 2>&1
+timeout 100 python3 scripts/bench_throughput.py --device cuda --variants eager graphs >"$OUT/throughput.md" 2>&1
 log "throughput done"
 
 # A table: its sweep (the experiment's own launcher, N_JOBS at a time), then its report.
@@ -27,11 +27,11 @@ table() {
   local rc=$? sweep=$((SECONDS - start))
   python3 -m penrun task=report "sweep_dir=outputs/multirun/$name" >>"$OUT/$name.log" 2>&1
   log "table $name: sweep exit $rc after ${sweep} s, with report $((SECONDS - start)) s"
+  # The run folders' small files (metrics, configs, logs, reports), not checkpoints or
+  # events, after each table: a session cut short still brings back the finished ones.
+  tar czf "$OUT/outputs.tar.gz" --exclude="*.pt" --exclude="events.*" --exclude="*.png" outputs
 }
-table "${1:-generation}" "${GEN_LIMIT:-300}"
+table generation "${GEN_LIMIT:-300}"
 table distill_labelled "${T2_LIMIT:-90}"
 table distill_unlabeled "${T1_LIMIT:-120}"
-
-# The run folders' small files (metrics, configs, logs, reports), not checkpoints or events.
-tar czf "$OUT/outputs.tar.gz" --exclude="*.pt" --exclude="events.*" --exclude="*.png" outputs
 log "end"
