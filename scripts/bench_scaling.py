@@ -69,8 +69,10 @@ def bench_ddp(procs: list[int], device: str, cores: int) -> None:
             wall = timed([*launcher, *args], Path(tmp), {"OMP_NUM_THREADS": str(threads)})
             metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
             epoch = metrics["history"][0]["epoch_time"]
-            # Training images per epoch: the global batches the run stepped on.
-            rate = 60000 // 64 * 64 / epoch if p > 1 else 60000 / epoch
+            # Training images per epoch (MNIST less the validation split): under torchrun the
+            # global batches the run stepped on.
+            images = 60000 - metrics.get("val_size", 0)
+            rate = images // 64 * 64 / epoch if p > 1 else images / epoch
             base = base or rate
             print(
                 f"| {p} | {threads} | {rate:.0f} ({rate / base:.2f}x) | {epoch:.1f} | {wall:.1f} |",

@@ -104,3 +104,49 @@ def test_run_key_is_safe_and_deterministic() -> None:
     assert "/" not in run_key("data.path=/a/b.npz")
     long = run_key("x=" + "a" * 300)
     assert len(long) <= 120 and long == run_key("x=" + "a" * 300) != run_key("x=" + "b" * 300)
+
+
+# The groups a sweep appends (`+group=option`): table rows, the kappa study's arms and options.
+APPENDED = [
+    pytest.param(group, option, id=f"+{group}={option}")
+    for group in ("row_labelled", "row_unlabeled", "kappa_arm", "study")
+    for option in options(group)
+]
+VMF_SUFFIXES = {"matched": ("weights", "matched", 1.0), "class_mean_fitted": ("class_mean", "fitted", 1.0)}
+
+
+@pytest.mark.parametrize(("group", "option"), APPENDED)
+def test_appended_options_compose_with_their_method_and_vmf(group: str, option: str) -> None:
+    """A row is its method preset (every term its name lists is on), with its vMF option."""
+    resolved = OmegaConf.to_container(compose_config([f"+{group}={option}"]), resolve=True)
+    if group.startswith("row_"):
+        losses = {k for k, v in resolved["distill"]["losses"].items() if v > 0}
+        suffix = next((s for s in (*VMF_SUFFIXES, "weights_x2") if option.endswith(s)), None)
+        method = option.removesuffix(f"_{suffix}") if suffix else option
+        assert losses == set(resolved_method_terms(method))
+        vmf = resolved["vmf"]
+        expected = VMF_SUFFIXES.get(suffix, ("weights", "weights", 2.0 if suffix else 1.0))
+        assert (vmf["direction"], vmf["kappa"], vmf["kappa_scale"]) == expected
+
+
+def resolved_method_terms(method: str) -> list[str]:
+    weights = OmegaConf.to_container(compose_config([f"method={method}"]).distill.losses)
+    return [k for k, v in weights.items() if v > 0]
+
+
+def test_help_names_the_tasks_and_the_groups(capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    from penrun.app.cli import main
+
+    argv = sys.argv
+    sys.argv = ["penrun", "--help"]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    assert stop.value.code in (0, None)
+    assert "Tasks: distill (default), train_teacher" in out
+    assert "row_labelled: ce, ce_dirichlet" in out and "penrun --cfg job" in out

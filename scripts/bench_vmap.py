@@ -1,0 +1,127 @@
+"""Training the seeds of one sweep cell together: S LeNet-5 classifiers (penrun's network, one
+per seed) stepped one after another, against the same S networks stacked and stepped as one
+vectorized model (torch.func.stack_module_state + functional_call + vmap, one Adam over the
+stacked parameters), each seed on its own batches of MNIST.
+
+    PENRUN_DATA_DIR=../shared/data python scripts/bench_vmap.py --seeds 5 --steps 100 --threads 2
+
+Both paths compute the same per-seed losses at the first step (checked before timing); the
+times are the median of 3 rounds of `--steps` optimizer steps after 5 warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+
+from penrun.data import load_dataset, normalize
+from penrun.models import build_classifier
+
+from machine import describe_machine
+
+SPEC = dict(arch="lenet5", channels=1, image_size=28, num_classes=10, penultimate_dim=64, head="cosine")
+
+
+def networks(seeds: int, device: torch.device) -> list[torch.nn.Module]:
+    nets = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        nets.append(build_classifier(**SPEC).to(device))
+    return nets
+
+
+def sequential_step(nets, optimizers, xs, ys) -> torch.Tensor:
+    losses = []
+    for net, opt, x, y in zip(nets, optimizers, xs, ys, strict=True):
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+class Stacked:
+    """S networks as one: parameters and buffers stacked along a leading seed dimension."""
+
+    def __init__(self, nets: list[torch.nn.Module]):
+        self.params, self.buffers = stack_module_state(nets)
+        self.base = copy.deepcopy(nets[0]).to("meta")
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=1e-3)
+
+    def losses(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        def one(params, buffers, x, y):
+            return F.cross_entropy(functional_call(self.base, (params, buffers), (x,)), y)
+
+        return torch.vmap(one)(self.params, self.buffers, xs, ys)
+
+    def step(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        losses = self.losses(xs, ys)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # the seeds' parameters are disjoint: each gets its own gradient
+        self.optimizer.step()
+        return losses.detach()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(describe_machine(device))
+    data = load_dataset("mnist", data_dir=os.environ.get("PENRUN_DATA_DIR"))
+    images = normalize(data.x_train[:20000]).to(device)
+    labels = data.y_train[:20000].to(device)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, len(labels), (args.seeds, args.batch), generator=g) for _ in range(args.steps + 5)
+    ]
+
+    nets = networks(args.seeds, device)
+    stacked = Stacked(nets)
+    xs, ys = images[batches[0]], labels[batches[0]]
+    with torch.no_grad():
+        reference = torch.stack([F.cross_entropy(n(x), y) for n, x, y in zip(nets, xs, ys, strict=True)])
+        assert torch.allclose(stacked.losses(xs, ys), reference, rtol=1e-4), "vmap disagrees"
+    optimizers = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in nets]
+
+    def timed(step) -> float:
+        for idx in batches[:5]:
+            step(images[idx], labels[idx])
+        start = time.perf_counter()
+        for idx in batches[5:]:
+            step(images[idx], labels[idx])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    rows = {"one after another": [], "vmap (stacked)": []}
+    for _ in range(3):
+        rows["one after another"].append(timed(lambda x, y: sequential_step(nets, optimizers, x, y)))
+        rows["vmap (stacked)"].append(timed(stacked.step))
+    samples = args.seeds * args.batch * args.steps
+    base = statistics.median(rows["one after another"])
+    print(f"{args.seeds} seeds x batch {args.batch}, {args.steps} steps, {args.threads} threads")
+    print("| path | s per step (all seeds) | samples/s | vs one after another |")
+    print("|---|---|---|---|")
+    for name, times in rows.items():
+        t = statistics.median(times)
+        print(f"| {name} | {t / args.steps * 1e3:.1f} ms | {samples / t:.0f} | {base / t:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
