@@ -112,7 +112,10 @@ def optimize_epoch(
     """One epoch of optimizer steps with a per-step learning-rate schedule; returns the mean
     of the loss and of every logged term as train_<name>, and the epoch's wall time."""
     start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
-    bar = progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress)
+    bar = progress(
+        batches, total=steps, desc=f"epoch {epoch}/{settings.max_epochs}", enabled=settings.progress
+    )
+    shown = not getattr(bar, "disable", True)  # reading the loss waits for the device: only for a bar
     with ExitStack() as stack:
         if settings.cuda_graphs:
             stack.enter_context(capturable(optimizer, settings.device))
@@ -124,6 +127,8 @@ def optimize_epoch(
             set_lr(optimizer, settings.lr * lr_factor(settings.schedule, position))
             loss, logs = step_fn(x, y)
             watch.update(loss, step)
+            if shown and step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
             for name, value in {"loss": loss.detach(), **logs}.items():
                 sums[name] = sums.get(name, 0.0) + value
     watch.check(epoch)
