@@ -38,7 +38,6 @@ from penrun.train.run_folder import config_difference, read_json
 FAILED_FILE = "failed.json"
 STATUS_FILE = "sweep_status.json"
 
-# hydra/launcher=NAME -> (the plugin's module, its pip package)
 # Hydra plugins penrun's configs use: (module, pip package, penrun extra that installs it).
 PLUGINS = {
     "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", None),

@@ -98,7 +98,9 @@ def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
             epoch=epoch,
             drop_last=True,
         )
-        bar = progress(batches, total=steps, desc=f"epoch {epoch}", enabled=settings.progress)
+        bar = progress(
+            batches, total=steps, desc=f"epoch {epoch}/{settings.max_epochs}", enabled=settings.progress
+        )
         for i, (x, c) in enumerate(bar):
             position = (epoch - 1 + i / steps) / settings.max_epochs
             for opt in opts.values():

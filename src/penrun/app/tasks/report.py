@@ -6,8 +6,9 @@ Runs are grouped by what their configs differ in, apart from the seed; each cell
 row's paired difference to that row (over the seeds both ran) with a 95 % paired-t confidence
 interval. With `report.choose=[KEYS]` (a search's sweep), a third gives each row's setting of
 those keys with the best mean of the first value (chosen.csv). runs.csv holds one line per run
-with raw numbers. A run folder without a complete metrics.json is reported as missing, with why: interrupted (and after how many epochs), failed (with the error), or never
-started. The layout is the same whichever Hydra launcher ran the sweep.
+with raw numbers. A run folder without a complete metrics.json is reported as missing, with
+why: interrupted (and after how many epochs), failed (with the error), or never started. The
+layout is the same whichever Hydra launcher ran the sweep.
 """
 
 from __future__ import annotations
