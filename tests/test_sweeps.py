@@ -266,3 +266,39 @@ def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_pa
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(m["best_val_acc"] for m in trials))
     assert best["best_value"] != pytest.approx(max(m["transfer_acc"] for m in trials))
+
+
+def test_rerun_moves_the_old_run_aside_and_starts_afresh(tmp_path: Path) -> None:
+    """A folder of another config is refused, naming rerun=true; rerun=true renames it (nothing
+    is deleted), runs afresh, and a report of the folder counts the fresh run only."""
+    args = ["task=train_teacher", "trainer.max_epochs=1"]
+    finish(start_cli(args, tmp_path))
+    folder = tmp_path / "outputs" / "runs" / "train_teacher" / "trainer.max_epochs=1"
+    edited = json.loads((folder / "metrics.json").read_text())
+    edited["config"]["trainer"]["lr"] = 0.5  # as if the run were made with another config
+    (folder / "metrics.json").write_text(json.dumps(edited))
+    refused = finish(start_cli(args, tmp_path), check=False)
+    assert refused.returncode == 2 and "add rerun=true to move it aside" in refused.stderr
+    done = finish(start_cli([*args, "rerun=true"], tmp_path))
+    assert "rerun=true: moved the previous run aside to" in done.stdout
+    (old,) = [p for p in folder.parent.iterdir() if ".old-" in p.name]
+    assert json.loads((old / "metrics.json").read_text()) == edited
+    fresh = json.loads((folder / "metrics.json").read_text())
+    assert fresh["status"] == "complete" and fresh["config"]["trainer"]["lr"] == 0.001
+    run_task(["task=report", f"sweep_dir={folder.parent}"], tmp_path / "report")
+    assert "1 complete runs" in (folder.parent / "report.md").read_text()
+
+
+def test_a_job_returns_the_objective_its_config_names() -> None:
+    from penrun.app.cli import objective
+
+    metrics = {"test_acc": 0.8, "best_val_acc": 0.9, "selected_epoch": 3, "cond": "onehot"}
+    assert objective(metrics) == 0.9  # the validation score by default, not the test score
+    assert objective({"cond_acc": 0.7, "frechet": 2.0}) == 0.7
+    assert objective({"frechet": 2.0}) is None
+    assert objective(metrics, "test_acc") == 0.8
+    with pytest.raises(
+        ConfigError,
+        match=r"objective='val_acc' is not a number .*valid: \['best_val_acc', 'selected_epoch', 'test_acc'\]",
+    ):
+        objective(metrics, "val_acc")

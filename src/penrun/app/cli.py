@@ -19,7 +19,7 @@ from penrun.app import (
     sweeps,
 )
 from penrun.app.config import close_folders, job_folder
-from penrun.app.errors import composition_error
+from penrun.app.errors import ConfigError, composition_error
 from penrun.app.tasks import get_task
 from penrun.errors import InputError
 from penrun.train import distributed
@@ -46,9 +46,17 @@ jobs_started: list[str] = []
 OBJECTIVES = ("best_val_acc", "best_val_agreement", "cond_acc")
 
 
-def objective(metrics: dict[str, Any]) -> float | None:
-    """A job's return value: its first OBJECTIVES metric, None for a task without one."""
-    return next((float(metrics[key]) for key in OBJECTIVES if key in metrics), None)
+def objective(metrics: dict[str, Any], key: str | None = None) -> float | None:
+    """A job's return value: the metric `key` names (config `objective`), else its first
+    OBJECTIVES metric; None for a task without one."""
+    if key is None:
+        return next((float(metrics[k]) for k in OBJECTIVES if k in metrics), None)
+    if not isinstance(metrics.get(key), int | float):
+        numbers = sorted(
+            k for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
+        raise ConfigError(f"objective={key!r} is not a number in this task's metrics; valid: {numbers}")
+    return float(metrics[key])
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
@@ -59,13 +67,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     folder = job_folder()
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        metrics = get_task(cfg.task.name)(cfg)
+        value = objective(get_task(cfg.task.name)(cfg), cfg.objective)
     except Exception as err:
         report_failure(err, folder, sweep)
         return None
     else:
         sweeps.clear_failure(folder)
-        return objective(metrics)
+        return value
     finally:
         close_folders()
         distributed.shutdown()

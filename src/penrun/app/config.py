@@ -25,7 +25,7 @@ from penrun.train import distributed
 from penrun.train.devices import resolve_device, set_threads
 from penrun.train.files import atomic_write
 from penrun.train.loop import TrainerSettings
-from penrun.train.run_folder import RunFolder
+from penrun.train.run_folder import RunFolder, made_by
 from penrun.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,10 @@ def strip_runtime_keys(config: dict[str, Any]) -> dict[str, Any]:
     """A config without the schema's runtime keys and without top-level nulls."""
     config = {key: value for key, value in config.items() if value is not None}
     for key in RUNTIME_KEYS:
-        node, leaf = key.split(".")
-        if isinstance(config.get(node), dict):
+        node, _, leaf = key.rpartition(".")
+        if not node:
+            config.pop(leaf, None)
+        elif isinstance(config.get(node), dict):
             config[node] = {k: v for k, v in config[node].items() if k != leaf}
     return {key: value for key, value in config.items() if value != {}}
 
@@ -175,6 +177,8 @@ def start_task(
         check(cfg)
     settings = setup(cfg)
     folder = open_folder(cfg)
+    if cfg.rerun and (old := folder.move_aside()) is not None:
+        log.info(f"rerun=true: moved the previous run aside to {old}")
     _open_folders.append(folder)
     writable = folder.claim()
     done = folder.finished_metrics()  # refuses a folder of another config, writing nothing
@@ -187,11 +191,7 @@ def start_task(
         folder.remove_orphans()
     if done is not None:
         folder.close()
-        writer = done.get("penrun") or {"version": "0.2.0 or older", "commit": None}
-        log.info(
-            f"{folder.dir} is finished: reusing its results (written by penrun {writer['version']}"
-            + (f", {writer['commit']})" if writer["commit"] else ")")
-        )
+        log.info(f"{folder.dir} is finished: reusing its results ({made_by(done)})")
         return settings, folder, done
     folder.start_log()
     save_hydra_files(cfg, folder.dir)

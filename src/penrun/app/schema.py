@@ -180,6 +180,12 @@ class PenrunConfig:
     teacher_trainer: TrainerConfig = field(default_factory=TrainerConfig)
     teacher_seed: int = at_least(0, 0, high=SEED_MAX)
     teacher_ckpt: str | None = None
+    # Start afresh where a run (finished, interrupted or of another config) already is: the old
+    # folder is renamed to <folder>.old-<time>, never deleted.
+    rerun: bool = runtime(False)
+    # The metrics.json field a job returns to a sweeper that optimizes; null: the task's
+    # validation score (app/cli.py: OBJECTIVES).
+    objective: str | None = runtime(None)
     vmf: VmfConfig = field(default_factory=VmfConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # Nodes of one task or experiment (null elsewhere).

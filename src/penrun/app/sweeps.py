@@ -198,7 +198,7 @@ def check_same_configs(jobs: list[PlannedJob]) -> None:
         raise ConfigError(
             f"the sweep folder holds runs of a different config in {len(clashes)} of {len(jobs)} "
             f"job folder(s): {', '.join(clashes[:3])}. Set experiment_name or hydra.sweep.dir "
-            "to a new folder, or remove the old runs"
+            "to a new folder, or add rerun=true to move the old runs aside and start afresh"
         )
 
 
@@ -228,14 +228,22 @@ class SweepCallback(Callback):
             return  # other sweepers choose their jobs as they go
         try:
             self.jobs = plan_jobs(config)
-            check_same_configs(self.jobs)
+            if not config.get("rerun"):  # rerun=true: each job moves its old folder aside
+                check_same_configs(self.jobs)
         except InputError as err:
             print(f"penrun: error: {err}", file=sys.stderr)
             sys.exit(2)
         except Exception as err:  # composing a job's config: a bad value in the sweep
             print(f"penrun: error: {composition_error(err)}", file=sys.stderr)
             sys.exit(2)
-        print(describe_plan(config.hydra.sweep.dir, self.jobs))
+        if config.get("rerun"):
+            held = sum(job.folder.is_dir() and any(job.folder.iterdir()) for job in self.jobs)
+            print(
+                f"sweep {config.hydra.sweep.dir}: {len(self.jobs)} jobs, all afresh "
+                f"(rerun=true: {held} old folder(s) moved aside to <folder>.old-<time>)"
+            )
+        else:
+            print(describe_plan(config.hydra.sweep.dir, self.jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.jobs:

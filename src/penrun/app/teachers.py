@@ -22,7 +22,7 @@ from penrun.train import distributed
 from penrun.train.checkpoint import load_classifier
 from penrun.train.classifier import train_classifier
 from penrun.train.files import exclusive_lock
-from penrun.train.run_folder import RunFolder
+from penrun.train.run_folder import RunFolder, made_by
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,10 @@ def _train_cached(
     # Parallel jobs of a sweep that need the same classifier: one trains it, the others wait.
     with cache_lock(path):
         # Rank 0 decides for all ranks: they train together or not at all.
-        cached = distributed.broadcast_object(folder.finished_metrics() is not None)
+        finished = folder.finished_metrics()
+        cached = distributed.broadcast_object(finished is not None)
         if cached:
-            log.info(f"using cached {net_key} {path}")
+            log.info(f"using cached {net_key} {path} ({made_by(finished)})")
         else:
             log.info(
                 f"training {net_key} {cfg[net_key].arch} on {data.name} into {path} (cached for later runs)"

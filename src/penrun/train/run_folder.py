@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from penrun.train.checkpoint import load_checkpoint
 from penrun.train.files import HeldLock, exclusive_lock, save_json
 
 log = logging.getLogger(__name__)
+
+OLD_SUFFIX = ".old-"  # what rerun=true appends (with the time) to a folder it moves aside
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -74,6 +77,22 @@ class RunFolder:
             )
         return True
 
+    def move_aside(self) -> Path | None:
+        """Rename what this folder holds to `<folder>.old-<time>` (nothing is deleted) so that a
+        fresh run starts here; None when it holds nothing. Refused while another process holds
+        the folder."""
+        if not self.dir.is_dir() or not any(self.dir.iterdir()):
+            return None
+        lock = exclusive_lock(self.dir / ".lock", wait=False)
+        if lock is None:
+            raise FolderRefused(
+                f"run folder {self.dir} is in use by another penrun process; rerun=true waits for it to end"
+            )
+        lock.close()
+        target = self.dir.with_name(f"{self.dir.name}{OLD_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}")
+        self.dir.rename(target)
+        return target
+
     def finished_metrics(self) -> dict[str, Any] | None:
         """The metrics of a finished run of the same config, else None. An unreadable
         metrics.json (truncated, edited) is rebuilt: the run resumes from last.pt, whose
@@ -94,7 +113,7 @@ class RunFolder:
         if diff:
             raise FolderRefused(
                 f"run folder {self.dir} holds a run of a different config ({where.name} differs in "
-                f"{'; '.join(diff[:5])}); use another folder or move the old one aside"
+                f"{'; '.join(diff[:5])}); add rerun=true to move it aside and start afresh, or use another folder"
             )
 
     def load_last(self) -> dict[str, Any] | None:
@@ -177,6 +196,15 @@ def provenance() -> dict[str, str | None]:
     except importlib.metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH
         version = "unknown (not installed)"
     return {"version": version, "commit": commit}
+
+
+def made_by(metrics: dict[str, Any] | None) -> str:
+    """Which penrun wrote a finished run, in words (older runs carry no stamp)."""
+    stamp = (metrics or {}).get("penrun") or {}
+    if not stamp:
+        return "made by penrun 0.2.0 or older"
+    commit = f", commit {stamp['commit']}" if stamp.get("commit") else ""
+    return f"made by penrun {stamp['version']}{commit}"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from penrun.app.config import job_folder
 from penrun.app.errors import ConfigError
 from penrun.app.sweeps import FAILED_FILE, job_state
 from penrun.train.files import atomic_write
-from penrun.train.run_folder import flatten
+from penrun.train.run_folder import OLD_SUFFIX, flatten
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def collect(sweep_dir: Path) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
         | {p.parent for p in sweep_dir.rglob("metrics.json")}
         | {p.parent for p in sweep_dir.rglob(FAILED_FILE)}
     ):
-        if {"teachers", "evaluators"} & set(folder.parts[len(sweep_dir.parts) :]):
-            continue  # cached helper classifiers are not runs of the sweep
+        inside = folder.parts[len(sweep_dir.parts) :]
+        if {"teachers", "evaluators"} & set(inside) or any(OLD_SUFFIX in part for part in inside):
+            continue  # cached helper classifiers, and runs moved aside by rerun=true
         state, description = job_state(folder)
         if state == "complete":
             done.append(RunRecord(folder, json.loads((folder / "metrics.json").read_text())))
