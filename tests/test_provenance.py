@@ -31,9 +31,9 @@ def test_metrics_name_the_penrun_that_wrote_them(tmp_path: Path, caplog: pytest.
 
 
 def test_a_cached_teacher_says_which_penrun_made_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    overrides = ["trainer.max_epochs=1", "teacher_trainer.max_epochs=1"]
-    run_task(overrides, tmp_path)  # trains and caches the teacher
+    overrides = ["trainer.max_epochs=1", "teacher_trainer.max_epochs=1", f"paths.output_dir={tmp_path}"]
+    run_task(overrides, tmp_path / "first")  # trains and caches the teacher
     with caplog.at_level(logging.INFO):
-        run_task([*overrides, "seed=1"], tmp_path)
+        run_task([*overrides, "seed=1"], tmp_path / "second")
     assert "using cached teacher" in caplog.text
     assert f"(made by penrun {penrun.__version__}" in caplog.text
