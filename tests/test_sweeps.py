@@ -302,3 +302,20 @@ def test_a_job_returns_the_objective_its_config_names() -> None:
         match=r"objective='val_acc' is not a number .*valid: \['best_val_acc', 'selected_epoch', 'test_acc'\]",
     ):
         objective(metrics, "val_acc")
+
+
+def test_the_teacher_override_train_teacher_prints_can_be_pasted_back(tmp_path: Path) -> None:
+    """Run folder names hold `=` and `,`: the printed override quotes them for Hydra and the
+    shell; a run folder works as well as its checkpoint."""
+    import shlex
+
+    trained = finish(start_cli(["task=train_teacher", "data=mnist", "net@teacher=lenet5", "data.limit_train=500",
+                                "trainer.max_epochs=1"], tmp_path))  # fmt: skip
+    (line,) = [x for x in trained.stdout.splitlines() if x.startswith("use it: penrun ")]
+    pasted = shlex.split(line.removeprefix("use it: penrun ").split(" (")[0])
+    checkpoint = pasted[0].split("=", 1)[1].strip("'")
+    assert "data=mnist," in checkpoint and checkpoint.endswith("checkpoints/last.pt")
+    common = ["task=fit", "data=mnist", "net@teacher=lenet5", "data.limit_test=200"]
+    for override in (pasted[0], f"teacher_ckpt='{Path(checkpoint).parents[1]}'"):
+        done = finish(start_cli([*common, override], tmp_path))
+        assert "softmax_acc" in done.stdout, override

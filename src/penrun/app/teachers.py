@@ -107,6 +107,8 @@ def obtain_classifier(
     path = cfg.get(ckpt_key)
     if path is None:
         path = _train_cached(cfg, data, net_key, trainer_key, seed_key, cache)
+    elif Path(path).is_dir():  # a run folder stands for its last checkpoint
+        path = Path(path) / "checkpoints" / "last.pt"
     model, ckpt = load_classifier(path)
     check_fits_data(ckpt["classifier"], data, net_key, path)
     return model, ckpt, Path(path)
