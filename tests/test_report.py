@@ -163,3 +163,30 @@ def test_a_search_chooses_per_row_the_setting_with_the_best_mean(tmp_path: Path)
         ("st", "1.0", "0.8000", "2"),
     ]
     assert "| kd | 4.0 | 0.7500 | 2 |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_defaults_rows_by_method_constants_in_a_header_and_curves(tmp_path: Path) -> None:
+    """No layout given: rows by the method (not by the loss weights that differ with it), the
+    size every run shares in a header line, curves.png of the first metric with a history; a
+    later report of runs without histories removes the stale picture."""
+    for method, weight in (("kd", 0.0), ("kd+synthetic_head", 1.0)):
+        for seed in (0, 1):
+            folder = tmp_path / f"{method}-{seed}"
+            folder.mkdir()
+            history = [{"epoch": e, "source_acc": 0.5 + 0.1 * e + 0.01 * seed} for e in (1, 2)]
+            config = {"seed": seed, "distill": {"losses": {"synthetic_head": weight}}}
+            metrics = {"status": "complete", "method": method, "source_acc": 0.7 + 0.01 * seed,
+                       "transfer_train_size": 1437, "history": history, "config": config}  # fmt: skip
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+    run_task(["task=report", f"sweep_dir={tmp_path}"], tmp_path / "job")
+    report = (tmp_path / "report.md").read_text()
+    assert "The same in every run: transfer_train_size 1437." in report
+    table = list(csv.reader((tmp_path / "report.csv").open()))
+    assert table[0] == ["method", "runs", "source_acc"]
+    assert sorted(row[0] for row in table[1:]) == ["kd", "kd+synthetic_head"]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    for path in tmp_path.glob("*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        path.write_text(json.dumps({**metrics, "history": []}))
+    run_task(["task=report", f"sweep_dir={tmp_path}"], tmp_path / "job2")
+    assert not (tmp_path / "curves.png").exists()

@@ -1,8 +1,11 @@
 """task=report: a sweep's metrics.json files -> report.md, report.csv, runs.csv, curves.png
 (in sweep_dir).
 
-Runs are grouped by what their configs differ in, apart from the seed; each cell is the mean
-+- std over the seeds of a group. With `report.baseline=ROW`, a second table gives each other
+Runs are grouped by the named fields that vary (task, method, vmf, cond), else by what their
+configs differ in, apart from the seed; each cell is the mean +- std over the seeds of a group.
+Metrics with one value in every run go to a header line; curves.png shows the first metric
+with a per-epoch history (mean and a band of one std over seeds) unless `report.curve` names
+one. With `report.baseline=ROW`, a second table gives each other
 row's paired difference to that row (over the seeds both ran) with a 95 % paired-t confidence
 interval. With `report.choose=[KEYS]` (a search's sweep), a third gives each row's setting of
 those keys with the best mean of the first value (chosen.csv). runs.csv holds one line per run
@@ -94,6 +97,27 @@ def group_runs(runs: list[RunRecord], keys: list[str]) -> dict[tuple, list[RunRe
     for r in runs:
         groups.setdefault(tuple(str(r.value(k)) for k in keys), []).append(r)
     return groups
+
+
+# metrics.json fields that name what a run is (the method, the vMF option, ...): the rows a
+# report groups by when none are given, where they vary.
+NAMED_FIELDS = ("task", "method", "vmf", "cond")
+
+
+def named_rows(runs: list[RunRecord]) -> list[str]:
+    return [k for k in NAMED_FIELDS if len({json.dumps(r.fields.get(k)) for r in runs}) > 1]
+
+
+def constant_fields(runs: list[RunRecord]) -> dict[str, Any]:
+    """Numeric metrics with one value in every run (e.g. a training-set size): a header line,
+    not a column."""
+    if len(runs) < 2:
+        return {}
+    return {
+        k: runs[0].fields[k]
+        for k in numeric_fields(runs)
+        if k in runs[0].fields and all(r.fields.get(k) == runs[0].fields[k] for r in runs)
+    }
 
 
 def numeric_fields(runs: list[RunRecord]) -> list[str]:
@@ -225,9 +249,15 @@ def render(
     runs, missing = collect(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no complete run under {sweep_dir} ({len(missing)} incomplete)")
-    rows = rows or varying_keys(runs) or ["task.name"]
+    rows = rows or named_rows(runs) or varying_keys(runs) or ["task.name"]
     columns = columns or []
-    values = values or [f for f in numeric_fields(runs) if not f.startswith("teacher_")][:8]
+    constants = constant_fields(runs)
+    values = (
+        values or [f for f in numeric_fields(runs) if not f.startswith("teacher_") and f not in constants][:8]
+    )
+    curve = curve or next(
+        (v for v in values if any(v in row for r in runs for row in r.metrics.get("history", []))), None
+    )
     md, csv_rows = table(runs, rows, columns, values)
     if baseline is not None:
         md += "\n\n" + paired_table(runs, rows, columns, values, baseline)
@@ -241,6 +271,11 @@ def render(
         "",
         f"{len(runs)} complete runs, seeds {', '.join(seeds)}; cells are mean ± std over seeds.",
         "",
+        *(
+            [f"The same in every run: {', '.join(f'{k} {v}' for k, v in constants.items())}.", ""]
+            if constants
+            else []
+        ),
         md,
     ]
     if missing:
@@ -252,6 +287,8 @@ def render(
     write_csv(out_dir / "runs.csv", run_lines(runs, [*rows, *columns], values))
     if curve:
         plot_curves(runs, rows + columns, curve, out_dir / "curves.png")
+    else:  # no per-epoch metric: a curves.png of an earlier report would not be this one's
+        (out_dir / "curves.png").unlink(missing_ok=True)
     return report
 
 
@@ -262,7 +299,7 @@ def write_csv(path: Path, lines: list[list[Any]]) -> None:
 
 
 def plot_curves(runs: list[RunRecord], keys: list[str], metric: str, path: Path) -> None:
-    """Per group, the mean over seeds of `metric` per epoch."""
+    """Per group, the mean over seeds of `metric` per epoch, with a band of one std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,8 +310,14 @@ def plot_curves(runs: list[RunRecord], keys: list[str], metric: str, path: Path)
         curves = [[row[metric] for row in r.metrics.get("history", []) if metric in row] for r in members]
         length = min((len(c) for c in curves), default=0)
         if length:
+            epochs = range(1, length + 1)
             mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
-            ax.plot(range(1, length + 1), mean, marker=".", label=" / ".join(key))
+            (line,) = ax.plot(epochs, mean, marker=".", label=" / ".join(key))
+            if len(curves) > 1:  # the spread over seeds
+                std = [statistics.stdev(c[i] for c in curves) for i in range(length)]
+                low = [m - d for m, d in zip(mean, std, strict=True)]
+                high = [m + d for m, d in zip(mean, std, strict=True)]
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)
@@ -310,7 +353,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info(
         f"wrote {out_dir / 'report.md'}, report.csv, runs.csv"
         + (", chosen.csv" if layout.get("choose") else "")
-        + (", curves.png" if layout.get("curve") else "")
+        + (", curves.png" if (out_dir / "curves.png").exists() else "")
     )
     return {"task": "report", "sweep_dir": str(sweep_dir)}
 
