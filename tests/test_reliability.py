@@ -238,7 +238,7 @@ def write_npz(path: Path, **arrays: np.ndarray) -> Path:
             "trainer.max_epoch is not a key of penrun's config; did you mean trainer.max_epochs?",
         ),
         (["teacher.penultimate_dim=0"], "teacher.penultimate_dim=0 is invalid: use an integer >= 2"),
-        (["teacher_ckpt=."], "is a folder: pass its checkpoints/last.pt"),
+        (["teacher_ckpt=."], "teacher_ckpt='.' is a folder without checkpoints/last.pt: pass a checkpoint"),
     ],
 )
 def test_bad_training_input_is_one_line(

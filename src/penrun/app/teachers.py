@@ -108,7 +108,13 @@ def obtain_classifier(
     if path is None:
         path = _train_cached(cfg, data, net_key, trainer_key, seed_key, cache)
     elif Path(path).is_dir():  # a run folder stands for its last checkpoint
-        path = Path(path) / "checkpoints" / "last.pt"
+        last = Path(path) / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise ConfigError(
+                f"{ckpt_key}={str(path)!r} is a folder without checkpoints/last.pt: pass a "
+                "checkpoint file or a run folder"
+            )
+        path = last
     model, ckpt = load_classifier(path)
     check_fits_data(ckpt["classifier"], data, net_key, path)
     return model, ckpt, Path(path)
