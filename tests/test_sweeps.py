@@ -17,7 +17,7 @@ from penrun.app import sweeps
 from penrun.app.cli import config_dir
 from penrun.app.errors import ConfigError
 
-from conftest import finish, run_task, start_cli
+from conftest import finish, run_main, run_task, start_cli
 
 # Two one-epoch teacher jobs on digits; the second has an invalid learning rate.
 SWEEP = ["-m", "task=train_teacher", "trainer.max_epochs=1", "trainer.lr=0.001,-1"]
@@ -304,18 +304,18 @@ def test_a_job_returns_the_objective_its_config_names() -> None:
         objective(metrics, "val_acc")
 
 
-def test_the_teacher_override_train_teacher_prints_can_be_pasted_back(tmp_path: Path) -> None:
+def test_the_teacher_override_train_teacher_prints_can_be_pasted_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """Run folder names hold `=` and `,`: the printed override quotes them for Hydra and the
     shell; a run folder works as well as its checkpoint."""
     import shlex
 
-    trained = finish(start_cli(["task=train_teacher", "data=mnist", "net@teacher=lenet5", "data.limit_train=500",
-                                "trainer.max_epochs=1"], tmp_path))  # fmt: skip
+    trained = run_main(["task=train_teacher", "seed=3", "trainer.max_epochs=1"], tmp_path, capsys)
     (line,) = [x for x in trained.stdout.splitlines() if x.startswith("use it: penrun ")]
     pasted = shlex.split(line.removeprefix("use it: penrun ").split(" (")[0])
     checkpoint = pasted[0].split("=", 1)[1].strip("'")
-    assert "data=mnist," in checkpoint and checkpoint.endswith("checkpoints/last.pt")
-    common = ["task=fit", "data=mnist", "net@teacher=lenet5", "data.limit_test=200"]
+    assert "seed=3,trainer.max_epochs=1" in checkpoint and checkpoint.endswith("checkpoints/last.pt")
     for override in (pasted[0], f"teacher_ckpt='{Path(checkpoint).parents[1]}'"):
-        done = finish(start_cli([*common, override], tmp_path))
-        assert "softmax_acc" in done.stdout, override
+        done = run_main(["task=fit", override], tmp_path, capsys)
+        assert done.returncode == 0 and "softmax_acc" in done.stdout, (override, done.stderr)
