@@ -86,7 +86,8 @@ class RunFolder:
         lock = exclusive_lock(self.dir / ".lock", wait=False)
         if lock is None:
             raise FolderRefused(
-                f"run folder {self.dir} is in use by another penrun process; rerun=true waits for it to end"
+                f"run folder {self.dir} is in use by another penrun process: wait for it to end, "
+                "then run again with rerun=true"
             )
         lock.close()
         target = self.dir.with_name(f"{self.dir.name}{OLD_SUFFIX}{time.strftime('%Y%m%d-%H%M%S')}")
