@@ -160,8 +160,16 @@ class RecordingWriter:
 def test_log_scalars_writes_the_numbers_but_the_epoch(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path, CONFIG)
     folder._writer = writer = RecordingWriter()
-    folder.log_scalars({"epoch": 3, "loss": 0.5, "correct": 7, "status": "ok", "history": [1.0]}, step=9)
-    assert writer.scalars == [("loss", 0.5, 9), ("correct", 7, 9)]
+    row = {"epoch": 3, "train_loss": 0.5, "val_acc": 0.75, "source_acc": 0.7, "epoch_time": 2.0, "correct": 7,
+           "status": "ok", "history": [1.0]}  # fmt: skip
+    folder.log_scalars(row, step=9)
+    assert writer.scalars == [
+        ("train/loss", 0.5, 9),
+        ("val/acc", 0.75, 9),
+        ("eval/source_acc", 0.7, 9),
+        ("time/epoch_time", 2.0, 9),
+        ("eval/correct", 7, 9),
+    ]
     assert writer.flushes == 1
     folder.close()
     assert writer.closed and folder._writer is None

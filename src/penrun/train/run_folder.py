@@ -138,12 +138,31 @@ class RunFolder:
     def log_scalars(self, row: dict[str, Any], step: int) -> None:
         for key, value in row.items():
             if key != "epoch" and isinstance(value, int | float):
-                self.writer.add_scalar(key, value, step)
+                self.writer.add_scalar(tensorboard_tag(key), value, step)
         self.writer.flush()
 
     def write_metrics(self, metrics: dict[str, Any], status: str) -> None:
         stamped = {**metrics, "status": status, "penrun": provenance(), "config": self.config}
         save_json(self.metrics_path, stamped)
+        if status == "complete" and distributed.is_main():
+            self.log_hparams(metrics)
+
+    def log_hparams(self, metrics: dict[str, Any]) -> None:
+        """The run's config and final numbers in TensorBoard's HParams tab, which compares the
+        runs of a sweep (`tensorboard --logdir outputs/multirun/NAME`)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        params = {k: v for k, v in flatten(self.config).items() if isinstance(v, bool | int | float | str)}
+        finals = {
+            f"final/{k}": v
+            for k, v in flatten({k: v for k, v in metrics.items() if k not in ("history", "config")}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        for summary in hparams(params, finals):
+            self.writer._get_file_writer().add_summary(summary)
+        for key, value in finals.items():
+            self.writer.add_scalar(key, value)
+        self.writer.flush()
 
     def start_log(self) -> None:
         """Copy what the process logs into the folder's penrun.log, with times (rank 0)."""
@@ -206,6 +225,15 @@ def made_by(metrics: dict[str, Any] | None) -> str:
         return "made by penrun 0.2.0 or older"
     commit = f", commit {stamp['commit']}" if stamp.get("commit") else ""
     return f"made by penrun {stamp['version']}{commit}"
+
+
+def tensorboard_tag(key: str) -> str:
+    """A per-epoch number's TensorBoard tag, grouped by what it measures: train/ (training-step
+    means), val/ (the validation split), time/, and eval/ (test splits, generated samples)."""
+    for prefix, group in (("train_", "train"), ("val_", "val")):
+        if key.startswith(prefix):
+            return f"{group}/{key.removeprefix(prefix)}"
+    return f"time/{key}" if key.endswith("_time") else f"eval/{key}"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

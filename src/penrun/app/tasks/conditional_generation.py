@@ -168,6 +168,7 @@ def run_generation(
         start = time.perf_counter()
         _, logits = evaluator_outputs(cfg.seed)
         accs = class_accuracies(logits, labels, k)
+        write_samples(folder, model, setup, options.grid_per_class, cfg.seed + 1, epoch)
         return {"cond_acc": sum(accs) / k, "eval_time": time.perf_counter() - start}
 
     history = train_epochs(
@@ -189,7 +190,6 @@ def run_generation(
         "epoch_time": sum(row["epoch_time"] for row in history) / len(history),
         "history": history,
     }
-    write_samples(folder, model, setup, options.grid_per_class, cfg.seed + 1)
     folder.write_metrics(metrics, status="complete")
     folder.close()
     log.info(f"{summary(metrics)} -> {folder.dir}")
@@ -205,13 +205,15 @@ def sample_images(model: Generative, setup: GenerationSetup, labels: torch.Tenso
 
 
 def write_samples(
-    folder: RunFolder, model: Generative, setup: GenerationSetup, per_class: int, seed: int
+    folder: RunFolder, model: Generative, setup: GenerationSetup, per_class: int, seed: int, epoch: int
 ) -> None:
-    """samples.png (one row per class) and the same grid in TensorBoard."""
+    """The epoch's samples (one row per class, the same z and c every epoch) in TensorBoard and
+    as samples.png, which ends as the last epoch's. Drawn from their own generator: training's
+    random state is untouched."""
     images = sample_images(model, setup, balanced_labels(setup.data.num_classes, per_class), seed)
     grid = sample_grid(images, per_class)
     save_image_grid(grid, folder.dir / "samples.png")
-    folder.writer.add_image("samples", grid, setup.settings.max_epochs)
+    folder.writer.add_image("samples", grid, epoch)
 
 
 def summary(metrics: dict[str, Any]) -> str:
