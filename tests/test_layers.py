@@ -142,6 +142,7 @@ FUNCTION_IMPORTS_ALLOWED = {
     ("penrun.train.files", "save_image_grid", "torchvision.utils"),
     # TensorBoard's writer (slow to import) only when a run logs its first scalar
     ("penrun.train.run_folder", "writer", "torch.utils.tensorboard"),  # the run folder's writer property
+    ("penrun.train.run_folder", "log_hparams", "torch.utils.tensorboard.summary"),
 }
 
 
