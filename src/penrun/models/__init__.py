@@ -7,5 +7,6 @@ from penrun.models.classifiers import (
     LinearHead,
     build_classifier,
 )
+from penrun.models.hooked import HookedClassifier
 
-__all__ = ["ARCHITECTURES", "Classifier", "CosineHead", "LinearHead", "build_classifier"]
+__all__ = ["ARCHITECTURES", "Classifier", "CosineHead", "HookedClassifier", "LinearHead", "build_classifier"]
