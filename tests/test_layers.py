@@ -143,6 +143,8 @@ FUNCTION_IMPORTS_ALLOWED = {
     # TensorBoard's writer (slow to import) only when a run logs its first scalar
     ("penrun.train.run_folder", "writer", "torch.utils.tensorboard"),  # the run folder's writer property
     ("penrun.train.run_folder", "log_hparams", "torch.utils.tensorboard.summary"),
+    # torchvision's model zoo only for a classifier trained elsewhere (teacher_torchvision)
+    ("penrun.app.teachers", "external_teacher", "torchvision.models"),
 }
 
 

@@ -62,6 +62,11 @@ def check_cuda_graphs(trainer: DictConfig, key: str, device: torch.device) -> No
 
 def setup(cfg: DictConfig) -> TrainerSettings:
     """Join torchrun's process group if there is one, then seed and set threads."""
+    if cfg.teacher_torchvision and cfg.task.name != "fit":
+        raise ConfigError(
+            f"teacher_torchvision={cfg.teacher_torchvision!r} works with task=fit (a classifier from "
+            f"elsewhere, diagnosed), not task={cfg.task.name}"
+        )
     if cfg.trainer.cuda_graphs and cfg.task.name != "train_teacher":
         raise ConfigError(
             f"trainer.cuda_graphs=true: task={cfg.task.name} trains eagerly; CUDA graphs serve classifier "

@@ -180,6 +180,10 @@ class PenrunConfig:
     teacher_trainer: TrainerConfig = field(default_factory=TrainerConfig)
     teacher_seed: int = at_least(0, 0, high=SEED_MAX)
     teacher_ckpt: str | None = None
+    # A classifier trained elsewhere (task=fit): a torchvision model name, with teacher_ckpt its
+    # state_dict and teacher_head_layer its final nn.Linear (models/hooked.py).
+    teacher_torchvision: str | None = None
+    teacher_head_layer: str = "fc"
     # Start afresh where a run (finished, interrupted or of another config) already is: the old
     # folder is renamed to <folder>.old-<time>, never deleted.
     rerun: bool = runtime(False)

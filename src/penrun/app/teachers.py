@@ -14,14 +14,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.app.config import classifier_spec, strip_runtime_keys, trainer_settings, validation_split
-from penrun.app.errors import ConfigError
+from penrun.app.errors import ConfigError, config_keys
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import ImageData
-from penrun.models import Classifier
+from penrun.models import Classifier, HookedClassifier
 from penrun.train import distributed
-from penrun.train.checkpoint import load_classifier
-from penrun.train.classifier import train_classifier
+from penrun.train.checkpoint import load_classifier, load_state_dict
+from penrun.train.classifier import statistics_of, train_classifier
 from penrun.train.files import exclusive_lock
+from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import RunFolder, made_by
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,40 @@ def penultimate_model(
         if "activation_stats" in str(err):
             hint = f"; record them with: penrun task=record_statistics teacher_ckpt='{path}' data=<its training data>"
         raise ConfigError(f"teacher checkpoint {str(path)!r} cannot define p(a | y): {err}{hint}") from err
+
+
+def external_teacher(
+    cfg: DictConfig, data: ImageData, settings: TrainerSettings
+) -> tuple[HookedClassifier, dict[str, Any], Path]:
+    """`teacher_torchvision=NAME teacher_ckpt=STATE_DICT`: a torchvision classifier trained
+    elsewhere, its penultimate activations caught by a hook on `teacher_head_layer`; the
+    activation statistics its vMF options need are computed here, on the training split."""
+    import torchvision.models  # (~1 s) only for a classifier from elsewhere
+
+    name, path = cfg.teacher_torchvision, cfg.teacher_ckpt
+    if path is None:
+        raise ConfigError(
+            f"teacher_torchvision={name!r} needs teacher_ckpt=PATH: the model's state_dict "
+            "(torch.save(model.state_dict(), PATH))"
+        )
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"teacher_torchvision={name!r} is not a torchvision classifier; valid: e.g. resnet18, "
+            "mobilenet_v3_small (torchvision.models.list_models())"
+        )
+    module = torchvision.models.get_model(name, num_classes=data.num_classes)
+    with config_keys(head="teacher_head_layer"):
+        net = HookedClassifier(module, cfg.teacher_head_layer)
+    try:
+        module.load_state_dict(load_state_dict(path))
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ConfigError(
+            f"teacher_ckpt={str(path)!r} does not fit torchvision's {name} with {data.num_classes} classes: {first}"
+        ) from err
+    net.eval().to(settings.device)
+    log.info(f"teacher {name} from {path}: activation statistics of {len(data.y_train)} training images")
+    return net, {"activation_stats": statistics_of(net, data, settings)}, Path(path)
 
 
 def vmf_record(vmf: DictConfig, model: PenultimateModel | None) -> dict[str, Any]:

@@ -19,17 +19,16 @@ from penrun.train.seeding import rng_state, set_rng_state
 CHECKPOINT_FORMAT = "penrun-checkpoint-v2"
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a penrun checkpoint, refusing files that are corrupt or not penrun's. Loading never
-    runs code from the file: torch.load(weights_only=True) accepts tensors and plain containers
-    only, and a file that needs more is refused before anything in it runs."""
+def read_weights_only(path: str | os.PathLike, remedy: str) -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only; a file that needs more
+    is refused before anything in it runs (`remedy` says what to do instead)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"checkpoint {str(path)!r} is a folder: pass its checkpoints/last.pt")
     if not path.is_file():
         raise InputError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # not a refusal: the bytes are damaged
             raise InputError(
@@ -37,11 +36,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ) from err
         raise InputError(
             f"refusing to load checkpoint {str(path)!r}: it holds objects other than tensors and plain "
-            "containers, and loading them could run code from the file. penrun's own checkpoints "
-            f"(format {CHECKPOINT_FORMAT!r}) never do; re-create this one with this version of penrun"
+            f"containers, and loading them could run code from the file. {remedy}"
         ) from err
     except Exception as err:  # torch raises many types for a damaged file
         raise InputError(f"checkpoint {str(path)!r} is corrupt or unreadable: {err}") from err
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A model's state_dict saved elsewhere (`torch.save(model.state_dict(), path)`), loaded as
+    safely as a checkpoint."""
+    state = read_weights_only(path, "save the model's state_dict alone: torch.save(model.state_dict(), path)")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(
+            f"{str(path)!r} is not a state_dict (a dict of tensors, as torch.save(model.state_dict(), path) writes)"
+        )
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a penrun checkpoint, refusing files that are corrupt or not penrun's. Loading never
+    runs code from the file (`read_weights_only`)."""
+    ckpt = read_weights_only(
+        path,
+        f"penrun's own checkpoints (format {CHECKPOINT_FORMAT!r}) never do; re-create this one with this version of penrun",
+    )
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(
             f"{str(path)!r} is not a penrun checkpoint (expected format {CHECKPOINT_FORMAT!r}); "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from penrun.app.config import load_data, start_task
-from penrun.app.teachers import obtain_classifier, penultimate_model
+from penrun.app.teachers import external_teacher, obtain_classifier, penultimate_model
 from penrun.core.diagnostics import (
     class_cosines,
     ks_distance,
@@ -37,7 +37,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if done is not None:
         return done
     data = load_data(cfg)
-    teacher, ckpt, path = obtain_classifier(cfg, data)
+    if cfg.teacher_torchvision:
+        teacher, ckpt, path = external_teacher(cfg, data, settings)
+    else:
+        teacher, ckpt, path = obtain_classifier(cfg, data)
     model = penultimate_model(teacher, ckpt, path, cfg.vmf)
     teacher.to(settings.device)
     h, logits = predict(teacher, data.x_test, settings.eval_batch_size, settings.device)
