@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from penrun.app.cli import config_dir
@@ -144,3 +145,17 @@ def test_help_names_the_tasks_and_the_groups(tmp_path: Path) -> None:
     done = finish(start_cli(["--help"], tmp_path))  # a process of its own: --help leaves Hydra's state set
     assert "Tasks: distill (default), train_teacher" in done.stdout
     assert "row_labelled: ce, ce_dirichlet" in done.stdout and "penrun --cfg job" in done.stdout
+
+
+@pytest.mark.parametrize("option", options("hparams_search"))
+def test_each_search_config_sweeps_real_keys_with_optuna(option: str) -> None:
+    """Every searched key exists in the config of the task it is meant for (a typo would only
+    fail after the first trial)."""
+    task = {"distill_optuna": "distill", "train_teacher_optuna": "train_teacher"}.get(option, "vae")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"hparams_search={option}", f"task={task}"], return_hydra_config=True
+        )
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key) is not None, key

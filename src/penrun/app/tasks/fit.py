@@ -43,7 +43,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teacher, ckpt, path = obtain_classifier(cfg, data)
     model = penultimate_model(teacher, ckpt, path, cfg.vmf)
     teacher.to(settings.device)
+    log.info(f"fit: the teacher's activations of {len(data.y_test)} test images")
     h, logits = predict(teacher, data.x_test, settings.eval_batch_size, settings.device)
+    log.info(
+        f"fit: {cfg.fit.samples_per_class} synthetic activations per class, their cosines, KS distances "
+        "and a linear probe; then the calibration options"
+    )
     metrics = {
         "task": "fit",
         "teacher_ckpt": str(path),
