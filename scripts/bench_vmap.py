@@ -23,6 +23,7 @@ from torch.func import functional_call, stack_module_state
 
 from penrun.data import load_dataset, normalize
 from penrun.models import build_classifier
+from penrun.train.loop import eager_step
 
 from machine import describe_machine
 
@@ -38,13 +39,11 @@ def networks(seeds: int, device: torch.device) -> list[torch.nn.Module]:
 
 
 def sequential_step(nets, optimizers, xs, ys) -> torch.Tensor:
-    losses = []
-    for net, opt, x, y in zip(nets, optimizers, xs, ys, strict=True):
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+    """penrun's own eager step (train/loop.py), once per seed."""
+    losses = [
+        eager_step(opt, lambda x, y, net=net: (F.cross_entropy(net(x), y), {}), x, y)[0].detach()
+        for net, opt, x, y in zip(nets, optimizers, xs, ys, strict=True)
+    ]
     return torch.stack(losses)
 
 

@@ -33,7 +33,6 @@ from penrun.data import ImageData
 from penrun.models import Classifier
 from penrun.train.files import save_image_grid
 from penrun.train.loop import TrainerSettings, accuracy, network_input, predict, train_epochs
-from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,8 @@ def run_generation(
         start = time.perf_counter()
         _, logits = evaluator_outputs(cfg.seed)
         accs = class_accuracies(logits, labels, k)
-        write_samples(folder, model, setup, options.grid_per_class, cfg.seed + 1, epoch)
+        grid = samples_grid(model, setup, options.grid_per_class, cfg.seed + 1)
+        folder.writer.add_image("samples", grid, epoch)
         return {"cond_acc": sum(accs) / k, "eval_time": time.perf_counter() - start}
 
     history = train_epochs(
@@ -190,6 +190,9 @@ def run_generation(
         "epoch_time": sum(row["epoch_time"] for row in history) / len(history),
         "history": history,
     }
+    save_image_grid(
+        samples_grid(model, setup, options.grid_per_class, cfg.seed + 1), folder.dir / "samples.png"
+    )
     folder.write_metrics(metrics, status="complete")
     folder.close()
     log.info(f"{summary(metrics)} -> {folder.dir}")
@@ -204,16 +207,11 @@ def sample_images(model: Generative, setup: GenerationSetup, labels: torch.Tenso
     return generate(model.decoder, setup.sampler, labels, model.z_dim, seed, batch, device)
 
 
-def write_samples(
-    folder: RunFolder, model: Generative, setup: GenerationSetup, per_class: int, seed: int, epoch: int
-) -> None:
-    """The epoch's samples (one row per class, the same z and c every epoch) in TensorBoard and
-    as samples.png, which ends as the last epoch's. Drawn from their own generator: training's
-    random state is untouched."""
+def samples_grid(model: Generative, setup: GenerationSetup, per_class: int, seed: int) -> torch.Tensor:
+    """A grid of samples, one row per class; the same z and c every epoch (their own generator:
+    training's random state is untouched)."""
     images = sample_images(model, setup, balanced_labels(setup.data.num_classes, per_class), seed)
-    grid = sample_grid(images, per_class)
-    save_image_grid(grid, folder.dir / "samples.png")
-    folder.writer.add_image("samples", grid, epoch)
+    return sample_grid(images, per_class)
 
 
 def summary(metrics: dict[str, Any]) -> str:
