@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from penrun.app.cli import config_dir
-from penrun.app.sweeps import run_key
+from penrun.app.launch import run_key
 
 from conftest import compose_config, finish, start_cli
 
@@ -159,3 +159,22 @@ def test_each_search_config_sweeps_real_keys_with_optuna(option: str) -> None:
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key) is not None, key
+
+
+def test_the_schema_names_every_loss_term_and_registry_option() -> None:
+    """The schema is built without torch: its loss weights and its registries' names must be
+    the library's own (a loss added to LOSSES without a weight would be unreachable)."""
+    import dataclasses
+
+    from penrun.app import schema
+    from penrun.core.losses import LOSSES
+    from penrun.train.optim import OPTIMIZERS
+
+    assert [f.name for f in dataclasses.fields(schema.LossWeights)] == list(LOSSES)
+    for key, mark in schema.FIELD_MARKS.items():
+        if "choices" in mark:  # every registry resolves and holds the field's default
+            default = OmegaConf.select(OmegaConf.structured(schema.PenrunConfig), key, default=None)
+            assert len(tuple(mark["choices"])) >= 2, key
+            assert default is None or default in tuple(mark["choices"]), key
+    assert tuple(schema.FIELD_MARKS["trainer.optimizer"]["choices"]) == OPTIMIZERS
+    assert tuple(schema.FIELD_MARKS["data.name"]["choices"])[-1] == "npz"

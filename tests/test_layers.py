@@ -86,6 +86,8 @@ def loaded():
 import penrun
 
 after_penrun = loaded()
+penrun.VonMisesFisher
+after_a_name = loaded()
 names = sorted(
     info.name
     for info in pkgutil.walk_packages(penrun.__path__, "penrun.")
@@ -94,7 +96,8 @@ names = sorted(
 for name in names:
     importlib.import_module(name)
 config_modules = sorted(m for m in sys.modules if m.split(".")[0] in ("hydra", "omegaconf"))
-print(json.dumps({"after_penrun": after_penrun, "imported": names, "config_modules": config_modules}))
+print(json.dumps({"after_penrun": after_penrun, "after_a_name": after_a_name, "imported": names,
+                  "config_modules": config_modules}))
 """
 
 
@@ -113,9 +116,41 @@ def test_the_library_imports_neither_hydra_nor_omegaconf(fresh_imports: dict) ->
     assert fresh_imports["config_modules"] == [], f"the library loaded {fresh_imports['config_modules'][:5]}"
 
 
-def test_importing_penrun_loads_torch_only(fresh_imports: dict) -> None:
-    assert fresh_imports["after_penrun"] == ["torch"]
+def test_importing_penrun_loads_torch_when_a_name_is_first_used(fresh_imports: dict) -> None:
+    assert fresh_imports["after_penrun"] == []
+    assert fresh_imports["after_a_name"] == ["torch"]
     assert not hasattr(penrun, "ConfigError")
+    with pytest.raises(AttributeError, match="no attribute 'ConfigError'"):
+        penrun.ConfigError  # noqa: B018
+
+
+# The command line composes a config (tab completion, --cfg) with Hydra alone.
+COMPOSE_ONLY = """
+import contextlib, io, json, os, sys
+os.environ["COMP_LINE"] = "penrun task="
+sys.argv = ["penrun", *json.loads(sys.argv[1])]
+from penrun.app.cli import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    try:
+        main()
+    except SystemExit:
+        pass
+print(json.dumps({"stdout": out.getvalue(), "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["-sc", "query=bash"], "task=train_teacher"), (["--cfg", "job", "trainer.lr=0.01"], "lr: 0.01")],
+)
+def test_tab_completion_and_printing_a_config_never_import_torch(args: list[str], expected: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPOSE_ONLY, json.dumps(args)],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert expected in result["stdout"] and result["torch"] is False
 
 
 # ---------------------------------------------------------------- (b) imports at module level
@@ -145,6 +180,8 @@ FUNCTION_IMPORTS_ALLOWED = {
     ("penrun.train.run_folder", "log_hparams", "torch.utils.tensorboard.summary"),
     # torchvision's model zoo only for a classifier trained elsewhere (teacher_torchvision)
     ("penrun.app.teachers", "external_teacher", "torchvision.models"),
+    # a job's code (and torch) once a job starts: composing, --help and tab completion stay fast
+    ("penrun.app.cli", "_hydra_main", "penrun.app.job"),
 }
 
 

@@ -98,7 +98,7 @@ def test_a_planted_pickle_runs_no_code(entry: str, in_tmp: Path, capsys: pytest.
         plant(in_tmp / "outputs/runs/train_teacher/trainer.max_epochs=1/checkpoints/last.pt", marker)
         args = ["task=train_teacher", "trainer.max_epochs=1", "trainer.progress=false"]
     else:
-        job = "outputs/multirun/train_teacher/train_teacher/seed=1,trainer.max_epochs=1"
+        job = "outputs/multirun/train_teacher/seed=0,1,trainer.max_epochs=1/train_teacher/seed=1,trainer.max_epochs=1"
         plant(in_tmp / job / "checkpoints/last.pt", marker)
         args = ["-m", "task=train_teacher", "seed=0,1", "trainer.max_epochs=1", "trainer.progress=false"]
     line = one_line_error(*penrun(args, capsys))
@@ -168,10 +168,10 @@ def test_a_truncated_metrics_file_is_rebuilt_from_last_pt(
 def test_a_sweep_and_its_report_survive_a_broken_job(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["-m", "task=train_teacher", "seed=0,1", *TINY]
     assert penrun(args, capsys)[0] == 0
-    sweep = in_tmp / "outputs/multirun/train_teacher"
+    sweep = in_tmp / "outputs/multirun/train_teacher/data.limit_train=200,seed=0,1,trainer.max_epochs=1"
     jobs = sorted((sweep / "train_teacher").iterdir())
     (jobs[0] / "metrics.json").write_text('{"status": "compl')
-    code, _err = penrun(["task=report", f"sweep_dir={sweep}", "trainer.progress=false"], capsys)
+    code, _err = penrun(["task=report", f"sweep_dir='{sweep}'", "trainer.progress=false"], capsys)
     assert code == 0 and "metrics.json unreadable" in (sweep / "report.md").read_text()
     assert penrun(args, capsys)[0] == 0  # the sweep rebuilds the broken job from its last.pt
     assert json.loads((jobs[0] / "metrics.json").read_text())["status"] == "complete"
@@ -356,7 +356,7 @@ def test_a_read_only_sweep_folder_is_reported_elsewhere(
     in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert penrun(["-m", "task=train_teacher", "seed=0,1", *TINY], capsys)[0] == 0
-    sweep = in_tmp / "outputs/multirun/train_teacher"
+    sweep = in_tmp / "outputs/multirun/train_teacher/data.limit_train=200,seed=0,1,trainer.max_epochs=1"
     real_write = files.atomic_write
 
     def read_only_sweep(path: Path, write) -> None:
@@ -365,7 +365,7 @@ def test_a_read_only_sweep_folder_is_reported_elsewhere(
         real_write(path, write)
 
     monkeypatch.setattr("penrun.app.tasks.report.atomic_write", read_only_sweep)
-    code, _ = penrun(["task=report", f"sweep_dir={sweep}", "trainer.progress=false"], capsys)
+    code, _ = penrun(["task=report", f"sweep_dir='{sweep}'", "trainer.progress=false"], capsys)
     assert code == 0 and not (sweep / "report.md").exists()
     (report,) = (in_tmp / "outputs/runs/report").glob("*/report.md")
     assert "2 complete runs" in report.read_text()

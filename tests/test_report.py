@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from penrun.app.errors import ConfigError
@@ -15,10 +16,11 @@ from penrun.app.tasks.report import mean_std
 from conftest import run_main, run_task
 
 
-def test_mean_std() -> None:
-    assert mean_std([0.5]) == "0.5000"
-    assert mean_std([0.4, 0.6]) == "0.5000 ± 0.1414"
-    assert mean_std([]) == "-"
+def test_mean_std_is_the_mean_and_the_sample_std_over_seeds() -> None:
+    values = [0.4, 0.6, 0.65]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert mean_std([0.5]) == (0.5, None) and mean_std([]) == (None, None)
 
 
 def test_report_of_a_sweep_with_a_missing_run(
@@ -69,10 +71,17 @@ def test_report_of_a_sweep_with_a_missing_run(
     assert "3 complete runs" in report and "Missing or incomplete runs (1)" in report
     assert f"`{runs[0].relative_to(sweep)}`: interrupted after 1 epoch(s)" in report
     table = list(csv.reader((sweep / "report.csv").open()))
-    assert table[0] == ["method", "runs", "source_acc", "best_source_acc"]
+    assert table[0] == ["method", "runs", "source_acc mean", "source_acc std", "best_source_acc mean",
+                        "best_source_acc std"]  # fmt: skip
     assert sorted(row[0] for row in table[1:]) == ["kd", "synthetic_head"]
     assert {row[1] for row in table[1:]} == {"1", "2"}
-    assert "±" in next(row[2] for row in table[1:] if row[1] == "2")
+    # Raw numbers: the mean and std of the two complete runs' metrics.json values.
+    (pair,) = [row for row in table[1:] if row[1] == "2"]
+    accs = [json.loads((r / "metrics.json").read_text()) for r in runs[1:]]
+    accs = [m["source_acc"] for m in accs if m["method"] == pair[0]]
+    assert [float(pair[2]), float(pair[3])] == pytest.approx([np.mean(accs), np.std(accs, ddof=1)])
+    (single,) = [row for row in table[1:] if row[1] == "1"]
+    assert single[3] == ""  # one run: no std
     assert (sweep / "curves.png").stat().st_size > 1000
     assert f"wrote {sweep / 'report.md'}, report.csv, runs.csv, curves.png" in caplog.messages
 
@@ -182,8 +191,12 @@ def test_report_defaults_rows_by_method_constants_in_a_header_and_curves(tmp_pat
     report = (tmp_path / "report.md").read_text()
     assert "The same in every run: transfer_train_size 1437." in report
     table = list(csv.reader((tmp_path / "report.csv").open()))
-    assert table[0] == ["method", "runs", "source_acc"]
+    assert table[0] == ["method", "runs", "source_acc mean", "source_acc std"]
     assert sorted(row[0] for row in table[1:]) == ["kd", "kd+synthetic_head"]
+    runs_csv = list(csv.DictReader((tmp_path / "runs.csv").open()))  # and every config key that varies
+    assert {(r["method"], r["distill.losses.synthetic_head"], r["seed"]) for r in runs_csv} == {
+        ("kd", "0.0", "0"), ("kd", "0.0", "1"), ("kd+synthetic_head", "1.0", "0"), ("kd+synthetic_head", "1.0", "1")
+    }  # fmt: skip
     assert (tmp_path / "curves.png").stat().st_size > 1000
     for path in tmp_path.glob("*/metrics.json"):
         metrics = json.loads(path.read_text())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from penrun.app import sweeps
+from penrun.app import launch, sweeps
 from penrun.app.cli import config_dir
 from penrun.app.errors import ConfigError
 
@@ -23,10 +23,12 @@ from conftest import finish, run_main, run_task, start_cli
 SWEEP = ["-m", "task=train_teacher", "trainer.max_epochs=1", "trainer.lr=0.001,-1"]
 GOOD = "trainer.lr=0.001,trainer.max_epochs=1"
 BAD = "trainer.lr=-1,trainer.max_epochs=1"
+# A sweep without an experiment name: its task, then its own overrides, sorted.
+SWEEP_DIR = Path("outputs/multirun/train_teacher/trainer.lr=0.001,-1,trainer.max_epochs=1")
 
 
-def job_folder(tmp_path: Path, name: str, experiment: str = "train_teacher") -> Path:
-    return tmp_path / "outputs" / "multirun" / experiment / "train_teacher" / name
+def job_folder(tmp_path: Path, name: str) -> Path:
+    return tmp_path / SWEEP_DIR / "train_teacher" / name
 
 
 # Launchers' sweeps: two parallel distill jobs that need one teacher (single-threaded jobs).
@@ -113,7 +115,7 @@ def swept(sweeps_run: Sweeps, tmp_path: Path) -> Path:
 def test_the_first_launch_reports_its_plan_and_the_failure(sweeps_run: Sweeps) -> None:
     proc = sweeps_run.results["swept"]
     assert proc.returncode == 1, proc.stderr
-    assert "sweep outputs/multirun/train_teacher: 2 jobs: 2 new" in proc.stdout
+    assert f"sweep {SWEEP_DIR}: 2 jobs: 2 new" in proc.stdout
     assert "1 of 2 jobs complete" in proc.stdout
     assert f"{BAD} failed: ConfigError: trainer.lr=-1.0 is invalid" in proc.stderr
 
@@ -123,7 +125,7 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(swept: Path) -> None:
     failure = json.loads((job_folder(swept, BAD) / "failed.json").read_text())
     assert failure["error"] == "ConfigError: trainer.lr=-1.0 is invalid: use a number > 0 and <= 10"
     assert failure["attempts"] == 1 and any("ConfigError" in line for line in failure["traceback"])
-    status = json.loads((swept / "outputs" / "multirun" / "train_teacher" / "sweep_status.json").read_text())
+    status = json.loads((swept / SWEEP_DIR / "sweep_status.json").read_text())
     assert [job["state"] for job in status["jobs"]] == ["complete", "failed"]
 
 
@@ -147,8 +149,8 @@ def test_a_retried_job_that_succeeds_clears_its_failure(sweeps_run: Sweeps) -> N
 
 
 def test_report_names_the_failed_job_and_its_error(swept: Path) -> None:
-    sweep = swept / "outputs" / "multirun" / "train_teacher"
-    run_task(["task=report", f"sweep_dir={sweep}"], swept / "r")  # the report task, in this process
+    sweep = swept / SWEEP_DIR
+    run_task(["task=report", f"sweep_dir='{sweep}'"], swept / "r")  # the report task, in this process
     report = (sweep / "report.md").read_text()
     assert "1 complete runs" in report and "Missing or incomplete runs (1)" in report
     assert f"`train_teacher/{BAD}`: failed: ConfigError: trainer.lr=-1.0 is invalid" in report
@@ -188,8 +190,8 @@ def test_launchers_share_teachers_and_resume_each_others_sweeps(
     again = results[f"{launcher} again"]
     assert again.returncode == 0, again.stderr
     assert "2 jobs: 2 complete (reused)" in again.stdout
-    sweep = folder / "outputs" / "multirun" / "distill"
-    run_task(["task=report", f"sweep_dir={sweep}"], tmp_path / "r")  # the report task, in this process
+    sweep = folder / "outputs/multirun/distill/seed=0,1,teacher_trainer.max_epochs=1,trainer.max_epochs=1"
+    run_task(["task=report", f"sweep_dir='{sweep}'"], tmp_path / "r")  # the report task, in this process
     assert "2 complete runs" in (sweep / "report.md").read_text()
 
 
@@ -209,9 +211,9 @@ def test_launchers_share_teachers_and_resume_each_others_sweeps(
 def test_a_missing_plugin_names_its_package(
     arg: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(sweeps.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=rf"{arg} needs the Hydra {message}"):
-        sweeps.check_launcher_plugins(["-m", arg, "seed=0,1"])
+        launch.check_launcher_plugins(["-m", arg, "seed=0,1"])
 
     from penrun.app.cli import main
 
@@ -223,7 +225,7 @@ def test_a_missing_plugin_names_its_package(
 
 
 def test_installed_launchers_pass_the_check() -> None:
-    sweeps.check_launcher_plugins(["hydra/launcher=joblib", "launcher=slurm", "launcher=local"])
+    launch.check_launcher_plugins(["hydra/launcher=joblib", "launcher=slurm", "launcher=local"])
 
 
 def test_the_plan_expands_an_experiments_own_sweep() -> None:
@@ -259,7 +261,10 @@ def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_pa
             tmp_path,
         )
     )  # fmt: skip
-    sweep = tmp_path / "outputs" / "multirun" / "optuna_distill"
+    sweep = tmp_path / (
+        "outputs/multirun/distill/+row_labelled=ce_kd,distill.labels=10,hparams_search=distill_optuna,"
+        "teacher_trainer.max_epochs=3,trainer.max_epochs=2"
+    )
     trials = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
     assert len(trials) == 3 and len({(m["config"]["distill"]["tau"]) for m in trials}) == 3
     assert all(1 <= m["config"]["distill"]["tau"] <= 16 for m in trials)
@@ -290,7 +295,7 @@ def test_rerun_moves_the_old_run_aside_and_starts_afresh(tmp_path: Path) -> None
 
 
 def test_a_job_returns_the_objective_its_config_names() -> None:
-    from penrun.app.cli import objective
+    from penrun.app.job import objective
 
     metrics = {"test_acc": 0.8, "best_val_acc": 0.9, "selected_epoch": 3, "cond": "onehot"}
     assert objective(metrics) == 0.9  # the validation score by default, not the test score
@@ -319,3 +324,30 @@ def test_the_teacher_override_train_teacher_prints_can_be_pasted_back(
     for override in (pasted[0], f"teacher_ckpt='{Path(checkpoint).parents[1]}'"):
         done = run_main(["task=fit", override], tmp_path, capsys)
         assert done.returncode == 0 and "softmax_acc" in done.stdout, (override, done.stderr)
+
+
+def test_two_sweeps_of_one_task_stay_apart_and_each_prints_its_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Without an experiment name each sweep's folder is named by its own overrides (the
+    launcher and runtime keys aside), so a report of one reads that sweep alone; the printed
+    report line pastes back as it stands."""
+    import shlex
+
+    first = ["-m", "task=train_teacher", "seed=0,1", "trainer.max_epochs=1"]
+    second = ["-m", "task=train_teacher", "seed=0", "trainer.max_epochs=1,2", "trainer.progress=false"]
+    lines = {}
+    for args in (first, second):
+        done = run_main(args, tmp_path, capsys)
+        assert done.returncode == 0, done.stderr
+        (lines[args[2]],) = [x for x in done.stdout.splitlines() if x.startswith("report: penrun ")]
+    assert lines["seed=0,1"] == (
+        "report: penrun task=report \"sweep_dir='outputs/multirun/train_teacher/seed=0,1,trainer.max_epochs=1'\""
+    )
+    assert "sweep_dir='outputs/multirun/train_teacher/seed=0,trainer.max_epochs=1,2'" in lines["seed=0"]
+    again = run_main([*first, "launcher=joblib", "trainer.num_threads=1"], tmp_path, capsys)
+    assert "2 jobs: 2 complete (reused)" in again.stdout
+    report = run_main(shlex.split(lines["seed=0"].removeprefix("report: penrun ")), tmp_path, capsys)
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "outputs/multirun/train_teacher/seed=0,trainer.max_epochs=1,2/report.md").read_text()
+    assert "2 complete runs" in text and "seed=1" not in text

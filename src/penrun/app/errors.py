@@ -4,8 +4,10 @@ the command line names the key a user sets (`data.image_size=3 ...`)."""
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 from penrun.errors import InputError
 
@@ -43,3 +45,9 @@ def composition_error(err: Exception) -> str:
         return f"{node.group(1)} cannot be set here: the chosen task does not use it"
     # Hydra's "Could not find 'net/nope'" lists the options, then its search path: keep the options.
     return text.split(" Config search path")[0]
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Stop the command with a one-line error (status 2: bad input)."""
+    print(f"penrun: error: {message}", file=sys.stderr)
+    sys.exit(status)

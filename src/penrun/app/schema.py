@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -21,17 +22,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from penrun.app.errors import ConfigError
 from penrun.app.tasks import TASKS
-from penrun.core.conditions import CONDITIONS
-from penrun.core.losses import LOSSES
-from penrun.core.penultimate import DIRECTION_OPTIONS, KAPPA_OPTIONS, RADIUS_OPTIONS
-from penrun.data import DATASETS
-from penrun.data.transforms import SHIFTS
-from penrun.models.classifiers import ARCHITECTURES, HEADS
-from penrun.train.optim import OPTIMIZERS, SCHEDULES
 
 
-def choices(default: Any, valid: tuple) -> Any:
-    return field(default=default, metadata={"choices": tuple(valid)})
+@dataclass(frozen=True)
+class Names:
+    """The names of a library registry (a dict or tuple), with options of the config's own
+    before or after them. Read when a value is checked, not when the schema is built: Hydra
+    composes a config (and answers tab completion) without importing torch."""
+
+    module: str
+    registry: str
+    before: tuple = ()
+    after: tuple = ()
+
+    def __iter__(self) -> typing.Iterator[Any]:
+        names = getattr(importlib.import_module(self.module), self.registry)
+        return iter((*self.before, *names, *self.after))
+
+
+def choices(default: Any, valid: tuple | Names) -> Any:
+    return field(default=default, metadata={"choices": valid})
 
 
 def at_least(default: Any, low: float, high: float = math.inf, runtime: bool = False) -> Any:
@@ -53,7 +63,7 @@ def runtime(default: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = choices("digits", (*DATASETS, "npz"))
+    name: str = choices("digits", Names("penrun.data", "DATASETS", after=("npz",)))
     path: str | None = None  # the .npz file of name=npz
     download: bool = True
     image_size: int | None = at_least(None, 4, high=1024)
@@ -66,16 +76,16 @@ class DataConfig:
 
 @dataclass
 class TransferConfig(DataConfig):
-    shift: str = choices("none", ("none", *SHIFTS))
+    shift: str = choices("none", Names("penrun.data.transforms", "SHIFTS", before=("none",)))
     shift_strength: float = above(1.0, 0.0, high=360.0)
 
 
 @dataclass
 class NetConfig:
-    arch: str = choices("mlp", tuple(ARCHITECTURES))
+    arch: str = choices("mlp", Names("penrun.models.classifiers", "ARCHITECTURES"))
     width: float = above(1.0, 0.0, high=64.0)
     penultimate_dim: int = at_least(64, 2, high=8192)
-    head: str = choices("cosine", HEADS)
+    head: str = choices("cosine", Names("penrun.models.classifiers", "HEADS"))
     scale: float = above(16.0, 0.0, high=1e4)
     bias: bool = False
     feature_relu: bool = False
@@ -87,9 +97,9 @@ class TrainerConfig:
     batch_size: int = at_least(64, 2, high=10**6)  # batch norm cannot train on a batch of one
     eval_batch_size: int = at_least(1024, 1, high=10**6)
     lr: float = above(1e-3, 0.0, high=10.0)
-    optimizer: str = choices("adam", OPTIMIZERS)
+    optimizer: str = choices("adam", Names("penrun.train.optim", "OPTIMIZERS"))
     weight_decay: float = at_least(5e-4, 0.0, high=1.0)
-    schedule: str = choices("cosine", SCHEDULES)
+    schedule: str = choices("cosine", Names("penrun.train.optim", "SCHEDULES"))
     device: str = runtime("auto")
     num_threads: int | None = at_least(None, 1, high=1024, runtime=True)
     progress: bool = runtime(True)
@@ -101,15 +111,28 @@ class TrainerConfig:
 
 @dataclass
 class VmfConfig:
-    direction: str = choices("weights", DIRECTION_OPTIONS)
-    kappa: str = choices("weights", KAPPA_OPTIONS)
+    direction: str = choices("weights", Names("penrun.core.penultimate", "DIRECTION_OPTIONS"))
+    kappa: str = choices("weights", Names("penrun.core.penultimate", "KAPPA_OPTIONS"))
     kappa_scale: float = at_least(1.0, 0.0, high=1e4)
-    radius: str = choices("fixed", RADIUS_OPTIONS)
+    radius: str = choices("fixed", Names("penrun.core.penultimate", "RADIUS_OPTIONS"))
 
 
-LossWeights = dataclasses.make_dataclass(
-    "LossWeights", [(name, float, at_least(0.0, 0.0, high=1e3)) for name in LOSSES]
-)
+def weight() -> Any:
+    return at_least(0.0, 0.0, high=1e3)
+
+
+@dataclass
+class LossWeights:
+    """Every loss term's weight (0: off), by its name in penrun.core.losses.LOSSES (a test
+    checks the two agree; the schema is built without importing torch)."""
+
+    ce: float = weight()
+    kd: float = weight()
+    synthetic_targets: float = weight()
+    synthetic_head: float = weight()
+    feature: float = weight()
+    dirichlet: float = weight()
+    smooth: float = weight()
 
 
 @dataclass
@@ -128,7 +151,7 @@ class FitConfig:
 
 @dataclass
 class GenConfig:
-    cond: str = choices("penultimate", CONDITIONS)
+    cond: str = choices("penultimate", Names("penrun.core.conditions", "CONDITIONS"))
     z_dim: int = at_least(32, 1, high=4096)
     width: int = at_least(32, 1, high=1024)
     eval_per_class: int = at_least(100, 2, high=10**5)
@@ -188,7 +211,7 @@ class PenrunConfig:
     # folder is renamed to <folder>.old-<time>, never deleted.
     rerun: bool = runtime(False)
     # The metrics.json field a job returns to a sweeper that optimizes; null: the task's
-    # validation score (app/cli.py: OBJECTIVES).
+    # validation score (app/job.py: OBJECTIVES).
     objective: str | None = runtime(None)
     vmf: VmfConfig = field(default_factory=VmfConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -261,8 +284,9 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
-        if "choices" in mark and value not in mark["choices"]:
-            valid = ", ".join("null" if c is None else str(c) for c in mark["choices"])
+        valid_values = tuple(mark.get("choices", ()))
+        if valid_values and value not in valid_values:
+            valid = ", ".join("null" if c is None else str(c) for c in valid_values)
             raise ConfigError(f"{key}={value!r} is invalid; valid: {valid}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value!r} is invalid: use a finite number")

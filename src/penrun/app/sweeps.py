@@ -9,10 +9,7 @@ names the failures.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import itertools
-import re
 import sys
 import time
 import traceback
@@ -21,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from penrun.app.config import run_config
 from penrun.app.errors import ConfigError, composition_error
-from penrun.app.schema import RUNTIME_KEYS
+from penrun.app.launch import failed_jobs, name_sweep_dir, parse_overrides, report_command
 from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import load_checkpoint
@@ -37,64 +33,6 @@ from penrun.train.run_folder import config_difference, read_json
 
 FAILED_FILE = "failed.json"
 STATUS_FILE = "sweep_status.json"
-
-# Hydra plugins penrun's configs use: (module, pip package, penrun extra that installs it).
-PLUGINS = {
-    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", None),
-    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "cluster"),
-    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "cluster"),
-    "optuna": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "search"),
-}
-# penrun's own launcher presets (configs/launcher/) and the plugin each one needs.
-LAUNCHER_PRESETS = {"joblib": "joblib", "local": "submitit_local", "slurm": "submitit_slurm"}
-
-# Jobs that failed in the last sweep of this process (the exit status of `penrun -m`).
-failed_jobs: list[Path] = []
-
-
-def run_key(override_dirname: str) -> str:
-    """A run folder name from Hydra's override string: readable, safe, deterministic."""
-    key = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname) or "default"
-    if len(key) > 120:
-        key = f"{key[:100]}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    return key
-
-
-def unnamed_keys() -> list[str]:
-    """Overrides left out of run folder names: the task (it has its own folder level), the
-    launcher (any launcher resumes another's sweep) and the runtime keys of the schema."""
-    return ["task", "launcher", *RUNTIME_KEYS]
-
-
-OmegaConf.register_new_resolver("run_key", run_key, replace=True)
-OmegaConf.register_new_resolver("penrun_unnamed_keys", unnamed_keys, replace=True)
-
-
-# ---------------------------------------------------------------- launcher plugins
-def check_launcher_plugins(argv: list[str]) -> None:
-    """A launcher or sweeper asked for on the command line (hparams_search=NAME: Optuna's)
-    must be installed; name its pip package."""
-    for arg in argv:
-        key, _, value = arg.lstrip("+~").partition("=")
-        plugin = {
-            "hydra/launcher": value,
-            "launcher": LAUNCHER_PRESETS.get(value),
-            "hydra/sweeper": value,
-            "hparams_search": "optuna",
-        }.get(key)
-        if plugin not in PLUGINS:
-            continue
-        module, package, extra = PLUGINS[plugin]
-        if importlib.util.find_spec(module) is None:
-            kind = "sweeper" if plugin == "optuna" else "launcher"
-            how = (
-                f"pip install 'penrun[{extra}]' (or pip install {package})"
-                if extra
-                else f"pip install {package}"
-            )
-            raise ConfigError(
-                f"{arg} needs the Hydra {kind} plugin {package!r}, which is not installed: {how}"
-            )
 
 
 # ---------------------------------------------------------------- job states
@@ -172,9 +110,7 @@ def plan_jobs(config: DictConfig) -> list[PlannedJob]:
     loader = GlobalHydra.instance().config_loader()
     # As BasicSweeper does: the config's hydra.sweeper.params, then the command line.
     params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(
-        params + list(config.hydra.overrides.task)
-    )
+    parsed = parse_overrides(params + list(config.hydra.overrides.task))
     jobs = []
     for overrides in sweep_combinations(parsed):
         job_cfg = loader.load_sweep_config(config, overrides)
@@ -224,9 +160,12 @@ class SweepCallback(Callback):
         self.jobs: list[PlannedJob] = []
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
-            return  # other sweepers choose their jobs as they go
+        # Hydra turns a callback's exception into a warning: stop here, with exit status 2.
         try:
+            name_sweep_dir(config)
+            if not str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
+                print(f"sweep {config.hydra.sweep.dir}: jobs chosen by {config.hydra.sweeper._target_}")
+                return  # other sweepers choose their jobs as they go
             self.jobs = plan_jobs(config)
             if not config.get("rerun"):  # rerun=true: each job moves its old folder aside
                 check_same_configs(self.jobs)
@@ -246,7 +185,8 @@ class SweepCallback(Callback):
             print(describe_plan(config.hydra.sweep.dir, self.jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.jobs:
+        if not self.jobs:  # another sweeper's jobs
+            print(report_command(config.hydra.sweep.dir))
             return
         states = {job.folder: job_state(job.folder) for job in self.jobs}
         failed_jobs[:] = [folder for folder, (state, _) in states.items() if state != "complete"]
@@ -266,3 +206,5 @@ class SweepCallback(Callback):
             print(f"  {folder}: {states[folder][1]}", file=sys.stderr)
         if failed_jobs:
             print("launch the same command again to retry them", file=sys.stderr)
+        if done:
+            print(report_command(config.hydra.sweep.dir))

@@ -29,11 +29,6 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (0 without torchrun), before the group exists."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

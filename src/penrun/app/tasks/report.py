@@ -8,8 +8,9 @@ with a per-epoch history (mean and a band of one std over seeds) unless `report.
 one. With `report.baseline=ROW`, a second table gives each other
 row's paired difference to that row (over the seeds both ran) with a 95 % paired-t confidence
 interval. With `report.choose=[KEYS]` (a search's sweep), a third gives each row's setting of
-those keys with the best mean of the first value (chosen.csv). runs.csv holds one line per run
-with raw numbers. A run folder without a complete metrics.json is reported as missing, with
+those keys with the best mean of the first value (chosen.csv). report.csv is the table as
+numbers (a mean and a std column per cell); runs.csv holds one line per run, with raw numbers
+and every config key that varies. A run folder without a complete metrics.json is reported as missing, with
 why: interrupted (and after how many epochs), failed (with the error), or never started. The
 layout is the same whichever Hydra launcher ran the sweep.
 """
@@ -84,12 +85,16 @@ def varying_keys(runs: list[RunRecord]) -> list[str]:
     return [k for k in keys if k not in SEED_KEYS and len({json.dumps(c.get(k)) for c in configs}) > 1]
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """The mean and the std over seeds (None where there are too few values)."""
+    mean = statistics.mean(values) if values else None
+    return mean, statistics.stdev(values) if len(values) > 1 else None
+
+
+def cell_text(mean: float | None, std: float | None) -> str:
+    if mean is None:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def group_runs(runs: list[RunRecord], keys: list[str]) -> dict[tuple, list[RunRecord]]:
@@ -134,21 +139,34 @@ def numeric_fields(runs: list[RunRecord]) -> list[str]:
 def table(
     runs: list[RunRecord], rows: list[str], columns: list[str], values: list[str]
 ) -> tuple[str, list[list[str]]]:
-    """A Markdown table (rows x columns, one cell per value metric) and the same as CSV rows."""
+    """A Markdown table (rows x columns, one "mean ± std" cell per value metric) and the same
+    as CSV lines with raw numbers (a mean and a std column per cell)."""
     col_groups = sorted(group_runs(runs, columns)) if columns else [()]
-    header = [*rows, "runs"]
-    for col in col_groups:
-        header += [" ".join([*col, v]).strip() for v in values]
-    body = []
+    names = [" ".join([*col, v]).strip() for col in col_groups for v in values]
+    md_lines, csv_lines = [], []
     for row_key, members in sorted(group_runs(runs, rows).items()):
-        line = [*row_key, str(len(members))]
-        for col in col_groups:
-            cell = [r for r in members if tuple(str(r.value(k)) for k in columns) == col]
-            line += [mean_std([float(r.value(v)) for r in cell if r.value(v) is not None]) for v in values]
-        body.append(line)
+        stats = [
+            mean_std(
+                [
+                    float(r.value(v))
+                    for r in members
+                    if column_of(r, columns) == col and r.value(v) is not None
+                ]
+            )
+            for col in col_groups
+            for v in values
+        ]
+        md_lines.append([*row_key, str(len(members)), *(cell_text(*stat) for stat in stats)])
+        csv_lines.append([*row_key, len(members), *(x for stat in stats for x in stat)])
+    header = [*rows, "runs", *names]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(line) + " |" for line in body]
-    return "\n".join(md), [header, *body]
+    md += ["| " + " | ".join(line) + " |" for line in md_lines]
+    csv_header = [*rows, "runs", *(f"{name} {part}" for name in names for part in ("mean", "std"))]
+    return "\n".join(md), [csv_header, *csv_lines]
+
+
+def column_of(run: RunRecord, columns: list[str]) -> tuple[str, ...]:
+    return tuple(str(run.value(k)) for k in columns)
 
 
 def paired_table(
@@ -166,7 +184,7 @@ def paired_table(
         return {
             str(r.value("seed")): float(r.value(metric))
             for r in members
-            if tuple(str(r.value(k)) for k in columns) == col and r.value(metric) is not None
+            if column_of(r, columns) == col and r.value(metric) is not None
         }
 
     header = [*rows] + [" ".join([*col, f"{v} - {baseline}"]).strip() for col in col_groups for v in values]
@@ -225,7 +243,9 @@ def paired_difference(diffs: list[float]) -> str:
 
 
 def run_lines(runs: list[RunRecord], keys: list[str], values: list[str]) -> list[list[Any]]:
-    """One line per run (for pandas): its folder, the table's keys, the seed, raw values."""
+    """One line per run (for pandas): its folder, the table's keys and every other config key
+    that varies, the seed, raw values."""
+    keys = list(dict.fromkeys([*keys, *varying_keys(runs)]))
     header = ["folder", *keys, "seed", *values]
     return [header] + [
         [r.folder.name, *(r.value(k) for k in keys), r.value("seed"), *(r.value(v) for v in values)]
