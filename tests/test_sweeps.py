@@ -251,16 +251,14 @@ def test_the_plan_expands_an_experiments_own_sweep() -> None:
 
 def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_path: Path) -> None:
     """hparams_search=distill_optuna, 3 trials: every job returns its best_val_acc (not a test
-    score) and Optuna's best value is the best of the three."""
+    score) and Optuna's best value is the best of the three. Launched again, the seeded
+    sampler proposes the same trials and each reuses its finished run."""
     import yaml
 
-    finish(
-        start_cli(
-            ["-m", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=3", "+row_labelled=ce_kd",
-             "distill.labels=10", "trainer.max_epochs=2", "teacher_trainer.max_epochs=3"],
-            tmp_path,
-        )
-    )  # fmt: skip
+    search = ["-m", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=3", "+row_labelled=ce_kd",
+              "distill.labels=10", "trainer.max_epochs=2", "teacher_trainer.max_epochs=3"]  # fmt: skip
+    first = finish(start_cli(search, tmp_path))
+    assert "report: penrun task=report" in first.stdout
     sweep = tmp_path / (
         "outputs/multirun/distill/+row_labelled=ce_kd,distill.labels=10,hparams_search=distill_optuna,"
         "teacher_trainer.max_epochs=3,trainer.max_epochs=2"
@@ -271,6 +269,10 @@ def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_pa
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(m["best_val_acc"] for m in trials))
     assert best["best_value"] != pytest.approx(max(m["transfer_acc"] for m in trials))
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.rglob("metrics.json")}
+    again = finish(start_cli(search, tmp_path))
+    assert again.stdout.count("is finished: reusing its results") == 3, again.stdout
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("metrics.json")} == stamps
 
 
 def test_rerun_moves_the_old_run_aside_and_starts_afresh(tmp_path: Path) -> None:
