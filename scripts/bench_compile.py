@@ -82,7 +82,9 @@ def main() -> None:
             times.append((time.perf_counter() - start) / args.steps)
         rows[name] = (compile_time, statistics.median(times))
     reference = first_losses["eager"]
-    assert all(abs(v - reference) < 1e-4 * max(1, abs(reference)) for v in first_losses.values()), first_losses
+    assert all(abs(v - reference) < 1e-4 * max(1, abs(reference)) for v in first_losses.values()), (
+        first_losses
+    )
 
     print(f"LeNet-5, batch {args.batch}, Adam, {args.steps} steps x 3 rounds, {args.threads} threads")
     print("| variant | first step (compile) | ms per step | samples/s | vs eager |")

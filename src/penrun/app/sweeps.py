@@ -164,7 +164,8 @@ class SweepCallback(Callback):
         try:
             name_sweep_dir(config)
             if not str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
-                print(f"sweep {config.hydra.sweep.dir}: jobs chosen by {config.hydra.sweeper._target_}")
+                sweeper = str(config.hydra.sweeper._target_).rsplit(".", 1)[-1]
+                print(f"sweep {config.hydra.sweep.dir}: jobs chosen as it goes by {sweeper}")
                 return  # other sweepers choose their jobs as they go
             self.jobs = plan_jobs(config)
             if not config.get("rerun"):  # rerun=true: each job moves its old folder aside
