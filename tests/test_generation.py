@@ -348,7 +348,7 @@ def test_generation_metrics_cond_acc_and_diversity_by_hand():
 def test_tensorboard_groups_tags_and_shows_samples_every_epoch(
     shared_outputs: Path, tmp_path: Path, data_dir: Path
 ) -> None:
-    """Tags grouped train/ val/ eval/ time/, the samples grid at every epoch, and the run's
+    """Tags grouped train/ val/ test/ time/, the samples grid at every epoch, and the run's
     config with its final numbers for TensorBoard's HParams tab."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -356,7 +356,7 @@ def test_tensorboard_groups_tags_and_shows_samples_every_epoch(
     run_task(overrides, tmp_path, data_dir)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/kl", "eval/cond_acc", "time/epoch_time"} <= set(tags["scalars"])
+    assert {"train/loss", "train/kl", "test/cond_acc", "time/epoch_time"} <= set(tags["scalars"])
     assert "final/cond_acc" in tags["scalars"] and "loss" not in tags["scalars"]
     assert [image.step for image in events.Images("samples")] == [1, 2]
     assert "_hparams_/session_start_info" in events.summary_metadata

@@ -166,9 +166,9 @@ def test_log_scalars_writes_the_numbers_but_the_epoch(tmp_path: Path) -> None:
     assert writer.scalars == [
         ("train/loss", 0.5, 9),
         ("val/acc", 0.75, 9),
-        ("eval/source_acc", 0.7, 9),
+        ("test/source_acc", 0.7, 9),
         ("time/epoch_time", 2.0, 9),
-        ("eval/correct", 7, 9),
+        ("test/correct", 7, 9),
     ]
     assert writer.flushes == 1
     folder.close()

@@ -229,11 +229,12 @@ def made_by(metrics: dict[str, Any] | None) -> str:
 
 def tensorboard_tag(key: str) -> str:
     """A per-epoch number's TensorBoard tag, grouped by what it measures: train/ (training-step
-    means), val/ (the validation split), time/, and eval/ (test splits, generated samples)."""
+    means), val/ (the validation split), time/, and test/ (the test splits, and an evaluator's
+    scores of generated samples)."""
     for prefix, group in (("train_", "train"), ("val_", "val")):
         if key.startswith(prefix):
             return f"{group}/{key.removeprefix(prefix)}"
-    return f"time/{key}" if key.endswith("_time") else f"eval/{key}"
+    return f"time/{key}" if key.endswith("_time") else f"test/{key}"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
