@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from penrun.app import launch, sweeps
 from penrun.app.cli import config_dir
@@ -353,3 +354,38 @@ def test_two_sweeps_of_one_task_stay_apart_and_each_prints_its_report(
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "outputs/multirun/train_teacher/seed=0,trainer.max_epochs=1,2/report.md").read_text()
     assert "2 complete runs" in text and "seed=1" not in text
+
+
+@pytest.mark.parametrize(
+    ("task_overrides", "hydra_overrides", "expected"),
+    [
+        # sorted as Hydra sorts a job's overrides; the launcher and runtime keys name nothing
+        (["seed=0,1", "method=kd,ce", "launcher=joblib", "trainer.num_threads=1"], [],
+         "outputs/multirun/distill/method=kd,ce,seed=0,1"),
+        (["task=vae,gan", "seed=0,1"], [], "outputs/multirun/vae,gan/seed=0,1"),
+        (["task=train_teacher", "data.path=/a b/c.npz"], [], "outputs/multirun/train_teacher/data.path=_a_b_c.npz"),
+        (["launcher=joblib"], [], "outputs/multirun/distill"),
+        (["experiment_name=mine", "seed=0,1"], [], None),  # a sweep that names its folder
+        (["seed=0,1"], ["hydra.sweep.dir=/tmp/x"], None),
+    ],
+)  # fmt: skip
+def test_a_sweep_without_a_name_is_named_by_its_own_overrides(
+    task_overrides: list[str], hydra_overrides: list[str], expected: str | None
+) -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+        cfg.hydra.overrides.task = task_overrides  # as Hydra records a multirun's command line
+        cfg.hydra.overrides.hydra = hydra_overrides
+        assert launch.own_sweep_dir(cfg) == expected
+        if expected is not None:  # and every job of the sweep is composed into that folder
+            launch.name_sweep_dir(cfg)
+            job = GlobalHydra.instance().config_loader().load_sweep_config(cfg, ["seed=1"])
+            assert job.hydra.sweep.dir == expected
+
+
+def test_an_experiment_names_its_own_sweep_folder() -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=distill_labelled"], return_hydra_config=True)
+        assert (
+            launch.own_sweep_dir(cfg) is None and cfg.hydra.sweep.dir == "outputs/multirun/distill_labelled"
+        )
