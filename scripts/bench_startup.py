@@ -35,7 +35,7 @@ def run(src: Path, args: list[str]) -> tuple[float, bool]:
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     wall = time.perf_counter() - start
-    return wall, any(line.rstrip().endswith("| torch") for line in proc.stderr.splitlines())
+    return wall, any(line.rsplit("|", 1)[-1].strip() == "torch" for line in proc.stderr.splitlines())
 
 
 def main() -> None:
