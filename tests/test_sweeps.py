@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from penrun.app import launch, sweeps
+from penrun.app import sweeps
 from penrun.app.cli import config_dir
 from penrun.app.errors import ConfigError
 
@@ -196,39 +194,6 @@ def test_launchers_share_teachers_and_resume_each_others_sweeps(
     assert "2 complete runs" in (sweep / "report.md").read_text()
 
 
-@pytest.mark.parametrize(
-    ("arg", "message"),
-    [
-        (
-            "hydra/launcher=joblib",
-            "launcher plugin 'hydra-joblib-launcher'.*: pip install hydra-joblib-launcher$",
-        ),
-        ("hydra/launcher=submitit_local", "launcher plugin 'hydra-submitit-launcher'.*penrun\\[cluster\\]"),
-        ("launcher=slurm", "launcher plugin 'hydra-submitit-launcher'.*penrun\\[cluster\\]"),
-        ("hydra/sweeper=optuna", "sweeper plugin 'hydra-optuna-sweeper'.*penrun\\[search\\]"),
-        ("hparams_search=distill_optuna", "sweeper plugin 'hydra-optuna-sweeper'.*penrun\\[search\\]"),
-    ],
-)
-def test_a_missing_plugin_names_its_package(
-    arg: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=rf"{arg} needs the Hydra {message}"):
-        launch.check_launcher_plugins(["-m", arg, "seed=0,1"])
-
-    from penrun.app.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["penrun", "-m", arg])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
-
-
-def test_installed_launchers_pass_the_check() -> None:
-    launch.check_launcher_plugins(["hydra/launcher=joblib", "launcher=slurm", "launcher=local"])
-
-
 def test_the_plan_expands_an_experiments_own_sweep() -> None:
     """experiment=generation sweeps in its config (hydra.sweeper.params), not on the command line."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -354,38 +319,3 @@ def test_two_sweeps_of_one_task_stay_apart_and_each_prints_its_report(
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "outputs/multirun/train_teacher/seed=0,trainer.max_epochs=1,2/report.md").read_text()
     assert "2 complete runs" in text and "seed=1" not in text
-
-
-@pytest.mark.parametrize(
-    ("task_overrides", "hydra_overrides", "expected"),
-    [
-        # sorted as Hydra sorts a job's overrides; the launcher and runtime keys name nothing
-        (["seed=0,1", "method=kd,ce", "launcher=joblib", "trainer.num_threads=1"], [],
-         "outputs/multirun/distill/method=kd,ce,seed=0,1"),
-        (["task=vae,gan", "seed=0,1"], [], "outputs/multirun/vae,gan/seed=0,1"),
-        (["task=train_teacher", "data.path=/a b/c.npz"], [], "outputs/multirun/train_teacher/data.path=_a_b_c.npz"),
-        (["launcher=joblib"], [], "outputs/multirun/distill"),
-        (["experiment_name=mine", "seed=0,1"], [], None),  # a sweep that names its folder
-        (["seed=0,1"], ["hydra.sweep.dir=/tmp/x"], None),
-    ],
-)  # fmt: skip
-def test_a_sweep_without_a_name_is_named_by_its_own_overrides(
-    task_overrides: list[str], hydra_overrides: list[str], expected: str | None
-) -> None:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", return_hydra_config=True)
-        cfg.hydra.overrides.task = task_overrides  # as Hydra records a multirun's command line
-        cfg.hydra.overrides.hydra = hydra_overrides
-        assert launch.own_sweep_dir(cfg) == expected
-        if expected is not None:  # and every job of the sweep is composed into that folder
-            launch.name_sweep_dir(cfg)
-            job = GlobalHydra.instance().config_loader().load_sweep_config(cfg, ["seed=1"])
-            assert job.hydra.sweep.dir == expected
-
-
-def test_an_experiment_names_its_own_sweep_folder() -> None:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=distill_labelled"], return_hydra_config=True)
-        assert (
-            launch.own_sweep_dir(cfg) is None and cfg.hydra.sweep.dir == "outputs/multirun/distill_labelled"
-        )
