@@ -110,7 +110,7 @@ def name_sweep_dir(config: DictConfig) -> None:
     folder = own_sweep_dir(config)
     if folder is None:
         return
-    quoted = folder.replace("\\", "\\\\").replace("'", "\\'")
+    quoted = folder.replace("'", "\\'")  # Hydra's quoted value: only its quotes are escaped
     with read_write(config.hydra), open_dict(config.hydra):
         config.hydra.sweep.dir = folder
         config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{quoted}'")
