@@ -19,8 +19,10 @@ from penrun.train.run_folder import (
     RunFolder,
     config_difference,
     flatten,
+    made_by,
     provenance,
     read_json,
+    tensorboard_tag,
 )
 
 CONFIG = {"task": {"name": "fit"}, "seed": 0}
@@ -144,11 +146,18 @@ def test_other_ranks_neither_lock_nor_log(tmp_path: Path, monkeypatch: pytest.Mo
 class RecordingWriter:
     def __init__(self) -> None:
         self.scalars: list[tuple] = []
+        self.summaries: list = []
         self.flushes = 0
         self.closed = False
 
-    def add_scalar(self, key: str, value: float, step: int) -> None:
+    def add_scalar(self, key: str, value: float, step: int | None = None) -> None:
         self.scalars.append((key, value, step))
+
+    def _get_file_writer(self) -> RecordingWriter:  # what log_hparams writes summaries through
+        return self
+
+    def add_summary(self, summary) -> None:
+        self.summaries.append(summary)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -219,3 +228,61 @@ def test_ranks_other_than_zero_leave_the_temporaries_alone(
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     RunFolder(tmp_path, CONFIG).remove_orphans()
     assert in_flight.exists()
+
+
+def test_tensorboard_tags_group_by_what_a_number_measures() -> None:
+    assert tensorboard_tag("train_loss") == "train/loss"
+    assert tensorboard_tag("val_train_acc") == "val/train_acc"  # the first prefix only
+    assert tensorboard_tag("eval_time") == "time/eval_time"
+    assert tensorboard_tag("transfer_acc") == "test/transfer_acc"
+    assert tensorboard_tag("time_x") == "test/time_x"
+
+
+def test_made_by_names_the_version_and_the_commit() -> None:
+    assert made_by({"penrun": {"version": "0.3.0", "commit": "abc123-dirty"}}) == (
+        "made by penrun 0.3.0, commit abc123-dirty"
+    )
+    assert made_by({"penrun": {"version": "0.3.0", "commit": None}}) == "made by penrun 0.3.0"
+    for unstamped in (None, {}, {"penrun": None}, {"penrun": {}}):
+        assert made_by(unstamped) == "made by penrun 0.2.0 or older"
+
+
+def test_move_aside_renames_the_folder_and_deletes_nothing(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path / "run", CONFIG)
+    assert folder.move_aside() is None  # nothing there
+    (tmp_path / "run").mkdir()
+    assert folder.move_aside() is None  # empty
+    (tmp_path / "run" / "metrics.json").write_text('{"a": 1}')
+    moved = folder.move_aside()
+    assert re.fullmatch(r"run\.old-\d{8}-\d{6}", moved.name) and moved.parent == tmp_path
+    assert (moved / "metrics.json").read_text() == '{"a": 1}' and not (tmp_path / "run").exists()
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    holder = RunFolder(tmp_path / "run", CONFIG)
+    assert holder.claim() is True
+    with pytest.raises(FolderRefused, match=r"is in use by another penrun process: .*rerun=true$"):
+        folder.move_aside()
+    holder.close()
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_complete_run_gives_the_hparams_tab_its_config_and_final_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = RunFolder(tmp_path, {**CONFIG, "trainer": {"lr": 0.01, "progress": True}})
+    folder._writer = writer = RecordingWriter()
+    metrics = {"test_acc": 0.9, "ok": True, "nested": {"n": 3}, "history": [{"x": 1}], "name": "kd"}
+    folder.write_metrics(metrics, "running")
+    assert writer.summaries == [] and writer.scalars == []
+    folder.write_metrics(metrics, "complete")
+    assert sorted(writer.scalars) == [("final/nested.n", 3, None), ("final/test_acc", 0.9, None)]
+    experiment, session_start, _end = (bytes(s.SerializeToString()) for s in writer.summaries)
+    for key in (b"task.name", b"seed", b"trainer.lr", b"trainer.progress"):
+        assert key in session_start  # the run's config, flattened
+    assert b"final/test_acc" in experiment and b"final/ok" not in experiment
+    json.loads((tmp_path / "metrics.json").read_text())  # written before TensorBoard
+    not_main(monkeypatch)
+    folder._writer = other = RecordingWriter()
+    folder.write_metrics(metrics, "complete")  # other ranks write metrics.json only
+    assert other.summaries == []
