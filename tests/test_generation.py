@@ -329,6 +329,50 @@ def test_gan_consistency_loss_is_one_minus_mean_cosine():
     assert gan_task.consistency_loss(teacher, fake, c).item() == pytest.approx(want, rel=1e-12)
 
 
+def test_each_gan_step_gives_the_discriminator_its_own_gradient_only() -> None:
+    """An epoch of 4 steps (32 digits-sized images, batch 8): every discriminator weight gets
+    4 gradients, one per D step, and every generator weight 4. Fails if G's step also builds D's
+    weight gradients (8 each: computed, then discarded by the next D step), or if freezing D
+    stopped G's gradient on its way through D (G's weights would not move)."""
+    from penrun.app.config import trainer_settings
+    from penrun.app.tasks.conditional_generation import GenerationSetup
+    from penrun.data import ImageData
+    from penrun.train.loop import network_input
+
+    cfg = compose_config(["task=gan", "trainer.batch_size=8", "trainer.progress=false"])
+    y = torch.arange(32) % 10
+    x = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+    data = ImageData("digits", x, y, x[:5], y[:5], 10, "test")
+    images, conditions = network_input(x, torch.device("cpu")), F.one_hot(y, 10).float()
+    setup = GenerationSetup(
+        data, trainer_settings(cfg), 0, images, conditions, ConditionSampler(10), None, None, None, {}
+    )
+    model = gan_task.build(cfg, setup)
+    counts: dict[str, int] = {}
+    for net in ("generator", "discriminator"):
+        for name, p in model.modules[net].named_parameters(prefix=net):
+            counts[name] = 0
+            p.register_hook(lambda grad, name=name: counts.__setitem__(name, counts[name] + 1))
+    model.train_epoch(1)
+    assert counts == dict.fromkeys(counts, 4)
+    assert all(p.requires_grad for p in model.modules["discriminator"].parameters())
+
+
+def test_frozen_restores_each_flag_even_after_an_error() -> None:
+    """Inside `frozen` no parameter takes part in a new graph; after it each one requires grad
+    as before, the one that did not included, also when the block raised."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    net[0].bias.requires_grad_(False)
+    before = [p.requires_grad for p in net.parameters()]
+    x = torch.ones(1, 2, requires_grad=True)
+    with gan_task.frozen(net):
+        net(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in net.parameters())
+    with pytest.raises(RuntimeError, match="inside"), gan_task.frozen(net):
+        raise RuntimeError("inside")
+    assert [p.requires_grad for p in net.parameters()] == before == [True, False, True, True]
+
+
 def test_generation_metrics_cond_acc_and_diversity_by_hand():
     """cond_acc is the mean of per-class accuracies ([1/2, 2/3] -> 7/12, not the pooled
     3/5) and diversity the mean over classes of the mean pairwise distance (class 0: one

@@ -201,16 +201,21 @@ def test_the_plan_expands_an_experiments_own_sweep() -> None:
             "config", overrides=["experiment=generation", "trainer.lr=0.01"], return_hydra_config=True
         )
         jobs = sweeps.plan_jobs(cfg)
-    # task x conditions (kappa_arm) x data x seed from the experiment, each with the command line's lr
+    # task x data x seed x conditions (kappa_arm) from the experiment, each with the command line's
+    # lr, the longest first: the MNIST GANs, one-hot then the teacher's vMF; the digits VAEs last.
     assert len(jobs) == 2 * 4 * 2 * 5 == len({job.folder for job in jobs})
-    last = jobs[-1]
-    assert last.folder == Path(
-        "outputs/multirun/generation/gan/+kappa_arm=class_mean_fitted,data=mnist,experiment=generation,seed=14,trainer.lr=0.01"
+    first, second, last = jobs[0], jobs[1], jobs[-1]
+    assert first.folder == Path(
+        "outputs/multirun/generation/gan/+kappa_arm=baseline,data=mnist,experiment=generation,seed=10,trainer.lr=0.01"
     )
-    assert last.config["task"]["name"] == "gan" and last.config["trainer"]["max_epochs"] == 10
+    assert first.config["trainer"]["max_epochs"] == 10 and first.config["gen"]["cond"] == "onehot"
+    assert second.folder.name.startswith("+kappa_arm=weights_x1,data=mnist")
+    assert second.config["gen"]["cond"] == "penultimate"
+    assert last.folder == Path(
+        "outputs/multirun/generation/vae/+kappa_arm=class_mean_fitted,data=digits,experiment=generation,seed=14,trainer.lr=0.01"
+    )
+    assert last.config["task"]["name"] == "vae" and last.config["trainer"]["max_epochs"] == 100
     assert last.config["vmf"]["direction"] == "class_mean" and last.config["gen"]["cond"] == "penultimate"
-    first = jobs[0]  # kappa_arm=baseline: one-hot conditions
-    assert first.config["task"]["name"] == "vae" and first.config["gen"]["cond"] == "onehot"
     assert last.config["trainer"]["lr"] == 0.01
     assert "hydra" not in last.config and "paths" not in last.config
 

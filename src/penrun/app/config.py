@@ -22,7 +22,7 @@ from penrun.data import ImageData, hold_out, load_dataset, subset
 from penrun.errors import InputError
 from penrun.models import build_classifier
 from penrun.train import distributed
-from penrun.train.devices import resolve_device, set_threads
+from penrun.train.devices import keep_freed_memory, resolve_device, set_threads
 from penrun.train.files import atomic_write
 from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import RunFolder, made_by
@@ -61,7 +61,8 @@ def check_cuda_graphs(trainer: DictConfig, key: str, device: torch.device) -> No
 
 
 def setup(cfg: DictConfig) -> TrainerSettings:
-    """Join torchrun's process group if there is one, then seed and set threads."""
+    """Join torchrun's process group if there is one, then seed, set threads and tune the
+    allocator."""
     if cfg.teacher_torchvision and cfg.task.name != "fit":
         raise ConfigError(
             f"teacher_torchvision={cfg.teacher_torchvision!r} works with task=fit (a classifier from "
@@ -75,6 +76,7 @@ def setup(cfg: DictConfig) -> TrainerSettings:
     settings = trainer_settings(cfg)
     distributed.init(settings.device)
     set_threads(settings.num_threads)
+    keep_freed_memory()
     seed_everything(cfg.seed)
     return settings
 

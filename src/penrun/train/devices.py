@@ -1,6 +1,11 @@
-"""Devices and threads."""
+"""Devices, threads and the host memory allocator."""
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
 
 import torch
 
@@ -22,3 +27,36 @@ def resolve_device(name: str) -> torch.device:
 def set_threads(num_threads: int | None) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
+
+
+# glibc's mallopt parameters (malloc.h) and the values penrun sets.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MIB = 1 << 20
+ALLOCATOR_SETTINGS = {
+    # glibc's largest allowed value on 64-bit: tensors up to 32 MiB come from the heap...
+    M_MMAP_THRESHOLD: 32 * MIB,
+    # ...and their memory stays there when freed, instead of going back to the kernel and being
+    # faulted in, page by page, by the next step's tensors of the same size.
+    M_TRIM_THRESHOLD: 1024 * MIB,
+    M_TOP_PAD: 256 * MIB,
+}
+GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep a training process's freed tensor memory for the next step.
+
+    With glibc's defaults a step's large temporaries (activations, gradients) are mapped
+    and unmapped anew each step, and every page is faulted in again: a small CPU network spends
+    about a tenth of its time there (BENCHMARKS.md#allocator). The arithmetic is the same either
+    way. Skipped off glibc, and when the user set glibc's own MALLOC_* variables. Returns whether
+    the settings were made.
+    """
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in GLIBC_VARIABLES):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    return all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.items())

@@ -5,12 +5,15 @@ G(z, c), c), which asks the generated image to carry the condition the teacher s
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch import nn
 
 from penrun.app.errors import ConfigError
 from penrun.app.tasks.conditional_generation import GenerationSetup, Generative, run_generation
@@ -40,6 +43,18 @@ def check_gan_options(cfg: DictConfig) -> None:
             f"task=gan trains with Adam (betas gan.betas); got trainer.optimizer="
             f"{cfg.trainer.optimizer!r}: use adam"
         )
+
+
+@contextlib.contextmanager
+def frozen(net: nn.Module) -> Iterator[None]:
+    """Graphs built inside give `net` no parameter gradients; gradients still flow through it."""
+    flags = [p.requires_grad for p in net.parameters()]
+    net.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(net.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def consistency_loss(teacher: Classifier, fake: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -75,7 +90,10 @@ def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
         opts["discriminator"].zero_grad(set_to_none=True)
         d_loss.backward()
         opts["discriminator"].step()
-        g_loss = hinge_g_loss(disc(fake, c))
+        # G's loss needs D's input gradients only: its weight gradients (and the spectral norm's
+        # backward) would be computed, then discarded by the next D step.
+        with frozen(disc):
+            g_loss = hinge_g_loss(disc(fake, c))
         logs = {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
         if weight > 0:
             consistency = consistency_loss(setup.teacher, fake, c)
