@@ -33,11 +33,14 @@ def set_threads(num_threads: int | None) -> None:
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MIB = 1 << 20
 ALLOCATOR_SETTINGS = {
-    # glibc's largest allowed value on 64-bit: tensors up to 32 MiB come from the heap...
+    # Tensors up to 32 MiB (the ceiling of glibc's own adaptive threshold on 64-bit) come from
+    # the heap from the first step on...
     M_MMAP_THRESHOLD: 32 * MIB,
     # ...and their memory stays there when freed, instead of going back to the kernel and being
     # faulted in, page by page, by the next step's tensors of the same size.
     M_TRIM_THRESHOLD: 1024 * MIB,
+    # The heap grows 256 MiB at a time, not by each request: a pass over a dataset in large
+    # batches ran 1.5x faster (BENCHMARKS.md#same-numbers).
     M_TOP_PAD: 256 * MIB,
 }
 GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -46,11 +49,11 @@ GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_T
 def keep_freed_memory() -> bool:
     """Have glibc keep a training process's freed tensor memory for the next step.
 
-    With glibc's defaults a step's large temporaries (activations, gradients) are mapped
-    and unmapped anew each step, and every page is faulted in again: a small CPU network spends
-    about a tenth of its time there (BENCHMARKS.md#allocator). The arithmetic is the same either
-    way. Skipped off glibc, and when the user set glibc's own MALLOC_* variables. Returns whether
-    the settings were made.
+    With glibc's defaults a step's large temporaries (activations, gradients) are mapped anew and
+    every page faulted in again. In the generation table's two side-by-side jobs that was 134 s of
+    system time (29 s after), and a teacher's pass over MNIST took 4.5 s instead of 2.7 s
+    (BENCHMARKS.md#same-numbers). The arithmetic is the same either way. Skipped off Linux, and
+    when the user set glibc's own MALLOC_* variables. Returns whether the settings were made.
     """
     if not sys.platform.startswith("linux") or any(name in os.environ for name in GLIBC_VARIABLES):
         return False
