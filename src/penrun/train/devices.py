@@ -60,6 +60,6 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+    except (OSError, AttributeError):  # a C library without mallopt
         return False
     return all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.items())
