@@ -13,18 +13,16 @@ times are the median of 3 rounds of `--steps` steps after 10 warm-up steps.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from penrun.data import load_dataset, normalize
 from penrun.models import build_classifier
 from penrun.train.loop import eager_step
 
-from machine import describe_machine
+from machine import describe_machine, mnist_images
 
 SPEC = dict(arch="lenet5", channels=1, image_size=28, num_classes=10, penultimate_dim=64, head="cosine")
 
@@ -54,8 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(describe_machine(device))
-    data = load_dataset("mnist", data_dir=os.environ.get("PENRUN_DATA_DIR"))
-    images, labels = normalize(data.x_train[:20000]).to(device), data.y_train[:20000].to(device)
+    images, labels = mnist_images(device)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(labels), (args.batch,), generator=g) for _ in range(args.steps + 10)]
 

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from penrun.app.tasks.gan import frozen
 from penrun.models.generative import Generator, ProjectionDiscriminator, hinge_d_loss, hinge_g_loss
-from penrun.train.devices import keep_freed_memory
 
-from machine import describe_machine
+from machine import add_allocator_option, describe_machine, set_allocator
 
 Z_DIM, COND_DIM, WIDTH = 64, 32, 32
 VARIANTS = {
@@ -80,10 +79,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="steps timed per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--default-allocator", action="store_true", help="as in bench_generation.py")
+    add_allocator_option(parser)
     args = parser.parse_args()
-    if not args.default_allocator:
-        keep_freed_memory()
+    set_allocator(args)
     torch.set_num_threads(args.threads)
     steps = {name: make_step(args.batch_size, **options) for name, options in VARIANTS.items()}
     for step in steps.values():  # warm-up: first calls allocate and pick kernels

@@ -29,11 +29,10 @@ from penrun.core.metrics import generation_metrics
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import load_dataset
 from penrun.models import build_classifier
-from penrun.train.devices import keep_freed_memory
 from penrun.train.loop import network_input, predict
 from penrun.train.seeding import seed_everything
 
-from machine import describe_machine
+from machine import add_allocator_option, describe_machine, set_allocator
 
 CLASSIFIER = dict(channels=1, image_size=28, num_classes=10, penultimate_dim=64)
 
@@ -64,14 +63,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave glibc's allocator settings alone (a job keeps freed memory: keep_freed_memory)",
-    )
+    add_allocator_option(parser)
     args = parser.parse_args()
-    if not args.default_allocator:
-        keep_freed_memory()
+    set_allocator(args)
     torch.set_num_threads(args.threads)
     seed_everything(0)
     data = load_dataset("mnist", data_dir=args.data_dir or os.environ.get("PENRUN_DATA_DIR"))

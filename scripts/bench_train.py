@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from penrun.data import load_dataset, normalize, subset
 from penrun.models import build_classifier
 from penrun.train.classifier import fit_classifier, record_statistics
-from penrun.train.devices import keep_freed_memory
 from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
-from machine import describe_machine
+from machine import add_allocator_option, describe_machine, set_allocator
 
 
 def bare_loop(spec: dict, data, settings: TrainerSettings, epochs: int, seed: int) -> float:
@@ -81,14 +80,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave glibc's allocator settings alone (a job keeps freed memory: keep_freed_memory)",
-    )
+    add_allocator_option(parser)
     args = parser.parse_args()
-    if not args.default_allocator:
-        keep_freed_memory()
+    set_allocator(args)
 
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data, data_dir=args.data_dir or os.environ.get("PENRUN_DATA_DIR"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 
@@ -21,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
-from penrun.data import load_dataset, normalize
 from penrun.models import build_classifier
 from penrun.train.loop import eager_step
 
-from machine import describe_machine
+from machine import describe_machine, mnist_images
 
 SPEC = dict(arch="lenet5", channels=1, image_size=28, num_classes=10, penultimate_dim=64, head="cosine")
 
@@ -82,9 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(describe_machine(device))
-    data = load_dataset("mnist", data_dir=os.environ.get("PENRUN_DATA_DIR"))
-    images = normalize(data.x_train[:20000]).to(device)
-    labels = data.y_train[:20000].to(device)
+    images, labels = mnist_images(device)
     g = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, len(labels), (args.seeds, args.batch), generator=g) for _ in range(args.steps + 5)

@@ -1,12 +1,18 @@
-"""One line that says where and when a benchmark ran (shared by the scripts in this folder)."""
+"""What the scripts in this folder share: one line that says where and when a benchmark ran,
+the allocator option, and MNIST images ready for a network."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import platform
 from datetime import datetime
 from pathlib import Path
 
 import torch
+
+from penrun.data import load_dataset, normalize
+from penrun.train.devices import keep_freed_memory
 
 
 def cpu_model() -> str:
@@ -26,3 +32,23 @@ def describe_machine(device: str | torch.device = "cpu") -> str:
         f"torch {torch.__version__}, python {platform.python_version()} | "
         f"{torch.get_num_threads()} threads | device {device} | load average {' '.join(load)}"
     )
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator settings alone (a job keeps freed memory: keep_freed_memory)",
+    )
+
+
+def set_allocator(args: argparse.Namespace) -> None:
+    """As a penrun job does, unless --default-allocator."""
+    if not args.default_allocator:
+        keep_freed_memory()
+
+
+def mnist_images(device: torch.device, count: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` MNIST training images, normalized, and their labels, on the device."""
+    data = load_dataset("mnist", data_dir=os.environ.get("PENRUN_DATA_DIR"))
+    return normalize(data.x_train[:count]).to(device), data.y_train[:count].to(device)
