@@ -11,10 +11,8 @@ step does not depend on them.
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import time
+from functools import partial
 
 import torch
 
@@ -23,7 +21,8 @@ from penrun.core.penultimate import PenultimateModel
 from penrun.data import load_dataset, normalize
 from penrun.models import build_classifier
 
-from machine import describe_machine
+from machine import describe_machine, start, step_options
+from timing import interleaved, medians, per_step
 
 SETTINGS = {
     "kd": {"kd": 1.0},
@@ -44,31 +43,26 @@ def time_steps(
 ) -> float:
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
     full = {name: weights.get(name, 0.0) for name in LOSSES}
-    start = time.perf_counter()
-    for step in range(steps):
-        i = (step * batch) % (len(x) - batch)
+    offsets = iter(range(0, steps * batch, batch))
+
+    def step() -> None:
+        i = next(offsets) % (len(x) - batch)
         loss, _ = total_loss(
             DistillBatch(shared, student, normalize(x[i : i + batch]), y[i : i + batch]), full
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / steps
+
+    return per_step(step, steps, x.device)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=200)
+    parser = step_options(__doc__, steps=200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    device = start(args)
     torch.manual_seed(0)
-    device = torch.device(args.device)
     data = load_dataset("usps", data_dir=os.environ.get("PENRUN_DATA_DIR"), image_size=28)
     x, y = data.x_train.to(device), data.y_train.to(device)
     spec = dict(channels=1, image_size=28, num_classes=10, penultimate_dim=64)
@@ -83,19 +77,21 @@ def main() -> None:
         class_similarity(teacher.head.effective_weight().detach()),
         1.0,
         0.0,
-        args.batch_size,
+        args.batch,
         generator,
     )
-    times: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    for _ in range(args.rounds):
-        for name, weights in SETTINGS.items():
-            times[name].append(time_steps(weights, shared, student, x, y, args.steps, args.batch_size))
-    print(f"{describe_machine(device)} | batch {args.batch_size}")
-    base = statistics.median(times["kd"])
+    times = interleaved(
+        {
+            name: partial(time_steps, weights, shared, student, x, y, args.steps, args.batch)
+            for name, weights in SETTINGS.items()
+        },
+        args.rounds,
+    )
+    print(f"{describe_machine(device)} | batch {args.batch}")
+    median = medians(times)
     print("| losses | ms per step (median of rounds) | vs kd |\n|---|---|---|")
-    for name, values in times.items():
-        med = statistics.median(values)
-        print(f"| {name} | {1000 * med:.2f} | {100 * (med / base - 1):+.1f} % |")
+    for name, t in median.items():
+        print(f"| {name} | {1000 * t:.2f} | {100 * (t / median['kd'] - 1):+.1f} % |")
 
 
 if __name__ == "__main__":

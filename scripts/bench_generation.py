@@ -14,33 +14,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 from hydra import compose, initialize_config_dir
 
 from penrun.app.cli import config_dir
 from penrun.app.config import trainer_settings
+from penrun.app.generation import GenerationSetup, sample_images, training_conditions
 from penrun.app.tasks import gan, vae
-from penrun.app.tasks.conditional_generation import GenerationSetup, sample_images, training_conditions
 from penrun.core.conditions import ConditionSampler, balanced_labels
 from penrun.core.metrics import generation_metrics
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import load_dataset
 from penrun.models import build_classifier
-from penrun.train.loop import network_input, predict
+from penrun.train.evaluation import predict
+from penrun.train.loop import network_input
 from penrun.train.seeding import seed_everything
 
 from machine import add_allocator_option, describe_machine, set_allocator
+from timing import timed
 
 CLASSIFIER = dict(channels=1, image_size=28, num_classes=10, penultimate_dim=64)
-
-
-def timed(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
 
 
 def evaluate(evaluator, fake, labels, real, eval_batch, device) -> dict:
@@ -88,11 +84,11 @@ def main() -> None:
     teacher.to(device)
     evaluator = build_classifier("resnet8", **CLASSIFIER).eval().to(device)
 
-    conds, t_conds = timed(training_conditions, data, teacher, eval_batch, device)
+    conds, t_conds = timed(partial(training_conditions, data, teacher, eval_batch, device), device)
     real, _ = predict(evaluator, data.x_test, eval_batch, device)
     labels = balanced_labels(10, 100)
     gen = torch.Generator().manual_seed(0)
-    _, t_sampler = timed(sampler, labels, gen)
+    _, t_sampler = timed(partial(sampler, labels, gen))
     print(f"# {describe_machine(device)}")
     print(f"teacher pass for the training conditions of {len(data.y_train)} images: {t_conds:.1f} s")
     print(f"sampler: 1000 conditions from p(a | y): {t_sampler * 1000:.1f} ms")
@@ -124,10 +120,10 @@ def main() -> None:
         model = {"vae": vae, "gan": gan}[task].build(cfg, s)
         row = model.train_epoch(1)
         per_step = row["epoch_time"] / args.steps
-        fake, t_gen = timed(sample_images, model, s, labels, 0)
-        _, t_metrics = timed(evaluate, evaluator, fake, labels, real, eval_batch, device)
+        fake, t_gen = timed(partial(sample_images, model, s, labels, 0), device)
+        _, t_metrics = timed(partial(evaluate, evaluator, fake, labels, real, eval_batch, device), device)
         many = balanced_labels(10, 1000)
-        _, t_many = timed(sample_images, model, s, many, 0)
+        _, t_many = timed(partial(sample_images, model, s, many, 0), device)
         name = cond + (" + consistency" if extra else "")
         print(
             f"| {task} | {name} | {per_step:.3f} | {per_step * full_steps:.0f} | "

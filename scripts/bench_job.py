@@ -27,16 +27,16 @@ from machine import describe_machine
 # use it; training steps are the epochs' steps less the teacher's forward passes inside them
 # (before they were computed once per run).
 CATEGORIES = {
-    "training steps": [("train/loop.py", "optimize_epoch"), ("app/tasks/gan.py", "train_epoch")],
+    "training steps": [("train/loop.py", "run_epoch")],
     "evaluation": [
-        ("train/loop.py", "predict"),
-        ("app/tasks/conditional_generation.py", "sample_images"),
+        ("train/evaluation.py", "predict"),
+        ("app/generation.py", "sample_images"),
         ("core/metrics.py", "generation_metrics"),
     ],
     "teacher passes": [
         ("core/losses.py", "teacher_features"),
         ("app/tasks/distill.py", "teacher_outputs"),
-        ("app/tasks/conditional_generation.py", "training_conditions"),
+        ("app/generation.py", "training_conditions"),
     ],
     "data loading": [
         ("app/config.py", "load_data"),
@@ -54,7 +54,7 @@ CORRECTIONS = {
     "training steps": [("core/losses.py", "teacher_features")],
     "evaluation": [
         ("app/tasks/distill.py", "teacher_outputs"),
-        ("app/tasks/conditional_generation.py", "training_conditions"),
+        ("app/generation.py", "training_conditions"),
     ],
 }
 

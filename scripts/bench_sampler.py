@@ -18,8 +18,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ import torch
 from penrun.core.vmf import sample_vmf
 
 from machine import describe_machine
+from timing import interleaved, timed
 
 CASES = {"single": "(a) one mu, kappa = 50", "classes": "(b) 10 classes, kappa 10..80"}
 
@@ -42,16 +41,6 @@ def setup(case: str, n: int, d: int, device: str) -> tuple[torch.Tensor, torch.T
     return mu.to(device), torch.linspace(10, 80, 10, device=device)[y], y
 
 
-def timed(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def time_case(case: str, n: int, d: int, device: str, repeats: int) -> tuple[float, float]:
     """Fastest seconds of (penrun sampler, torch.randn(n, d)), measured alternately."""
     mu, kappa, index = setup(case, n, d, device)
@@ -64,11 +53,10 @@ def time_case(case: str, n: int, d: int, device: str, repeats: int) -> tuple[flo
         return torch.randn(n, d, device=device, generator=gen)
 
     sampler(), randn()  # warm up
-    ours, base = [], []
-    for _ in range(repeats):
-        ours.append(timed(sampler, device))
-        base.append(timed(randn, device))
-    return min(ours), min(base)
+    times = interleaved(
+        {"ours": lambda: timed(sampler, device)[1], "randn": lambda: timed(randn, device)[1]}, repeats
+    )
+    return min(times["ours"]), min(times["randn"])
 
 
 def time_scipy(case: str, n: int, d: int) -> float:
@@ -78,10 +66,12 @@ def time_scipy(case: str, n: int, d: int) -> float:
     mu, _, index = setup(case, n, d, "cpu")
     counts = [n] if index is None else torch.bincount(index, minlength=len(mu)).tolist()
     kappas = [50.0] if index is None else torch.linspace(10, 80, 10).tolist()
-    start = time.perf_counter()
-    for m, k, c in zip(mu.double().numpy(), kappas, counts, strict=True):
-        vonmises_fisher(m, k).rvs(c, random_state=0)
-    return time.perf_counter() - start
+
+    def draw() -> None:
+        for m, k, c in zip(mu.double().numpy(), kappas, counts, strict=True):
+            vonmises_fisher(m, k).rvs(c, random_state=0)
+
+    return timed(draw)[1]
 
 
 def peak_rss() -> int:

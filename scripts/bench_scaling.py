@@ -1,14 +1,18 @@
-"""How penrun scales out: one train_teacher run on 1 and on N processes (torchrun), and a
-sweep of 4 jobs one after another against Hydra's joblib launcher. Every run is the real
-`penrun` command in a fresh folder; numbers come from its metrics.json and the wall clock.
+"""How penrun scales out: one train_teacher run on 1 and on N processes (torchrun), eager or
+with CUDA graphs, and a sweep of 4 jobs one after another against Hydra's joblib launcher.
+Every run is the real `penrun` command in a fresh folder; numbers come from its metrics.json
+and the wall clock.
 
     PENRUN_DATA_DIR=../shared/data python scripts/bench_scaling.py ddp --procs 1 2
     python scripts/bench_scaling.py sweep --jobs 4
-    python scripts/bench_scaling.py ddp --device cuda --procs 1     # on a GPU machine
+    python scripts/bench_scaling.py ddp --device cuda --procs 1 --epochs 3 --variants eager graphs
 
-ddp: MNIST, LeNet-5, batch 64, one epoch; samples/s = training images / the epoch's training
-time (rank 0's clock; evaluation and start-up excluded, the wall time says the rest).
-With P processes on the CPU each takes cores // P threads, so every row uses the same cores.
+ddp: MNIST, LeNet-5, the trainer's defaults (batch 64, adam, cosine), `--epochs` epochs (1 by
+default); samples/s = training images / the epoch's training time (rank 0's clock; evaluation,
+checkpoints and start-up excluded, the wall time says the rest), for the median of the epochs
+after the first when there are several (the first includes warm-up). "graphs" is
+`trainer.cuda_graphs=true` (CUDA only). With P processes on the CPU each takes cores // P
+threads, so every row uses the same cores.
 sweep: 4 train_teacher jobs (MNIST, LeNet-5, one epoch, seeds 0-3); the sequential row gives each job
 every core, the joblib rows give each of n_jobs parallel jobs cores // n_jobs threads.
 """
@@ -18,36 +22,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from machine import describe_machine
-
-PENRUN = [sys.executable, "-m", "penrun"]
-
-
-def timed(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, cwd=cwd, check=True, env={**os.environ, **(env or {})}, capture_output=True)
-    return time.perf_counter() - start
+from timing import PENRUN, run_command
 
 
-def bench_ddp(procs: list[int], device: str, cores: int) -> None:
-    print("| processes | threads each | samples/s | epoch (s) | wall (s) |")
-    print("|---|---|---|---|---|")
+def bench_ddp(procs: list[int], device: str, cores: int, epochs: int, variants: list[str]) -> None:
+    print("| processes | threads each | variant | samples/s | epoch (s) | wall (s) | test_acc |")
+    print("|---|---|---|---|---|---|---|")
     base = None
-    for p in procs:
+    for p, variant in [(p, v) for p in procs for v in variants]:
         with tempfile.TemporaryDirectory() as tmp:
             args = [
                 "task=train_teacher",
                 "data=mnist",
                 "net@teacher=lenet5",
-                "trainer.max_epochs=1",
+                f"trainer.max_epochs={epochs}",
                 "trainer.progress=false",
                 f"trainer.device={device}",
+                f"trainer.cuda_graphs={str(variant == 'graphs').lower()}",
                 "hydra.run.dir=run",
             ]
             threads = max(1, cores // p)
@@ -66,16 +63,19 @@ def bench_ddp(procs: list[int], device: str, cores: int) -> None:
                     "penrun",
                 ]
             )
-            wall = timed([*launcher, *args], Path(tmp), {"OMP_NUM_THREADS": str(threads)})
+            wall = run_command([*launcher, *args], Path(tmp), {"OMP_NUM_THREADS": str(threads)})
             metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
-            epoch = metrics["history"][0]["epoch_time"]
+            epoch = statistics.median(
+                row["epoch_time"] for row in metrics["history"][1:] or metrics["history"]
+            )
             # Training images per epoch (MNIST less the validation split): under torchrun the
             # global batches the run stepped on.
             images = 60000 - metrics.get("val_size", 0)
             rate = images // 64 * 64 / epoch if p > 1 else images / epoch
             base = base or rate
             print(
-                f"| {p} | {threads} | {rate:.0f} ({rate / base:.2f}x) | {epoch:.1f} | {wall:.1f} |",
+                f"| {p} | {threads} | {variant} | {rate:.0f} ({rate / base:.2f}x) | {epoch:.2f} | {wall:.1f} | "
+                f"{metrics['test_acc']:.4f} |",
                 flush=True,
             )
 
@@ -106,7 +106,7 @@ def bench_sweep(jobs: int, cores: int) -> None:
     base = None
     for name, extra, threads in rows:
         with tempfile.TemporaryDirectory() as tmp:
-            wall = timed([*PENRUN, *common, *extra], Path(tmp), {"OMP_NUM_THREADS": str(threads)})
+            wall = run_command([*PENRUN, *common, *extra], Path(tmp), {"OMP_NUM_THREADS": str(threads)})
         base = base or wall
         print(f"| {name} | {threads} | {wall:.1f} ({base / wall:.2f}x) |", flush=True)
 
@@ -119,13 +119,15 @@ def main() -> None:
     ddp = sub.add_parser("ddp")
     ddp.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ddp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ddp.add_argument("--epochs", type=int, default=1)
+    ddp.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "graphs"])
     sweep = sub.add_parser("sweep")
     sweep.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     args = parser.parse_args()
     print(describe_machine("cuda" if getattr(args, "device", "cpu") == "cuda" else "cpu"))
     if args.what == "ddp":
-        bench_ddp(args.procs, args.device, args.cores)
+        bench_ddp(args.procs, args.device, args.cores, args.epochs, args.variants)
     else:
         bench_sweep(args.jobs, args.cores)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 from machine import describe_machine
+from timing import interleaved, medians, timed
 
 COMMANDS = {
     "tab completion (`penrun task=<TAB>`)": ["-sc", "query=bash"],
@@ -29,12 +29,8 @@ COMMANDS = {
 
 def run(src: Path, args: list[str]) -> tuple[float, bool]:
     env = {**os.environ, "PYTHONPATH": str(src.resolve()), "COMP_LINE": "penrun task="}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "penrun", *args],
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    wall = time.perf_counter() - start
+    command = [sys.executable, "-X", "importtime", "-m", "penrun", *args]
+    proc, wall = timed(lambda: subprocess.run(command, env=env, capture_output=True, text=True, check=True))
     return wall, any(line.rsplit("|", 1)[-1].strip() == "torch" for line in proc.stderr.splitlines())
 
 
@@ -49,16 +45,17 @@ def main() -> None:
     print("| command | " + " | ".join(str(s) for s in args.src) + " |")
     print("|---|" + "---|" * len(args.src))
     for name, command in COMMANDS.items():
-        times: dict[Path, list[float]] = {src: [] for src in args.src}
-        torch_loaded = {}
-        for _ in range(args.repeat):
-            for src in args.src:
-                wall, torch_loaded[src] = run(src, command)
-                times[src].append(wall)
-        cells = [
-            f"{statistics.median(times[src]):.2f} s{' (imports torch)' if torch_loaded[src] else ''}"
-            for src in args.src
-        ]
+        torch_loaded: dict[Path, bool] = {}
+
+        def measure(
+            src: Path, command: list[str] = command, loaded: dict[Path, bool] = torch_loaded
+        ) -> float:
+            wall, loaded[src] = run(src, command)
+            return wall
+
+        times = interleaved({src: partial(measure, src) for src in args.src}, args.repeat)
+        median = medians(times)
+        cells = [f"{median[src]:.2f} s{' (imports torch)' if torch_loaded[src] else ''}" for src in args.src]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

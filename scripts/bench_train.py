@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from penrun.data import load_dataset, normalize, subset
 from penrun.models import build_classifier
-from penrun.train.classifier import fit_classifier, record_statistics
+from penrun.train.classifier import record_statistics, train_cross_entropy
 from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
@@ -59,7 +59,7 @@ def penrun_loop(spec: dict, data, settings: TrainerSettings, seed: int) -> tuple
     with tempfile.TemporaryDirectory() as tmp:
         run = RunFolder(tmp, {"bench": True})
         start = time.perf_counter()
-        model, history = fit_classifier(run, spec, data, settings, seed)
+        model, history = train_cross_entropy(run, spec, data, settings, seed)
         train_time = time.perf_counter() - start
         start = time.perf_counter()
         record_statistics(run, model, data, settings)

@@ -14,7 +14,8 @@ log "start: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_vmf.py -k "cuda or graph" \
   >"$OUT/tests.txt" 2>&1
 log "tests: $(tail -1 "$OUT/tests.txt")"
-timeout 100 python3 scripts/bench_throughput.py --device cuda --variants eager graphs >"$OUT/throughput.md" 2>&1
+timeout 100 python3 scripts/bench_scaling.py ddp --device cuda --procs 1 --epochs 3 --variants eager graphs \
+  >"$OUT/throughput.md" 2>&1
 log "throughput done"
 
 # A table: its sweep (the experiment's own launcher, N_JOBS at a time), then its report.

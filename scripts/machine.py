@@ -1,5 +1,6 @@
 """What the scripts in this folder share: one line that says where and when a benchmark ran,
-the allocator option, and MNIST images ready for a network."""
+the allocator option, the options of a script that times optimizer steps, and MNIST images
+ready for a network (timing.py times them)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,28 @@ def set_allocator(args: argparse.Namespace) -> None:
     """As a penrun job does, unless --default-allocator."""
     if not args.default_allocator:
         keep_freed_memory()
+
+
+# penrun's LeNet-5 as the tables' MNIST teacher has it (d = 64, cosine head).
+LENET5 = dict(arch="lenet5", channels=1, image_size=28, num_classes=10, penultimate_dim=64, head="cosine")
+
+
+def step_options(description: str | None, steps: int) -> argparse.ArgumentParser:
+    """--steps (timed per round), --batch, --threads and --device: a script that times steps."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch", "--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """The torch threads set as asked; the device."""
+    torch.set_num_threads(args.threads)
+    return torch.device(args.device)
 
 
 def mnist_images(device: torch.device, count: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Mutation testing of penrun's core with mutmut, one module at a time (MUTATION.md).
+"""Mutation testing of penrun with mutmut, one module at a time (MUTATION.md).
 
     python scripts/mutation.py                  # every module, each against its own tests
     python scripts/mutation.py vmf bessel       # some modules (a path or its last part)
@@ -88,6 +88,11 @@ def module_config(module: str, deselect_more: list[str]) -> str:
 
 def prepare(module: str, deselect: list[str]) -> Path:
     """The module's run folder: links to src/, tests/, configs/ and its own pyproject.toml."""
+    missing = [test for test in settings()[1][module] if not (REPO / test).is_file()]
+    if missing:  # mutmut would report every mutant as surviving a run that tested nothing
+        sys.exit(
+            f"{module}: its test files {missing} do not exist ([tool.penrun.mutation] in pyproject.toml)"
+        )
     where = folder(module)
     where.mkdir(parents=True, exist_ok=True)
     for name in LINKED:

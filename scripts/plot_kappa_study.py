@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
-from penrun.app.tasks.report import RunRecord, collect, paired_difference
+from penrun.app.results import RunRecord, collect, paired_difference, paired_differences
 
 # Per task: (test metric plotted, validation metric or None, axis label).
 METRICS = {
@@ -65,8 +65,7 @@ def summarize(runs: list[RunRecord]) -> list[dict]:
             values = [r.value(key) for r in members]
             row[f"{label}_mean"] = statistics.fmean(values)
             row[f"{label}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        base = {r.value("seed"): r.value(test_key) for r in baselines.get(task, [])}
-        diffs = [r.value(test_key) - base[r.value("seed")] for r in members if r.value("seed") in base]
+        diffs = paired_differences(members, baselines.get(task, []), test_key)
         row["test_minus_baseline"] = paired_difference(diffs) if name != "baseline" else ""
         rows.append(row)
     return rows
@@ -137,7 +136,10 @@ def main() -> None:
         )
     if not runs:
         raise SystemExit(f"plot_kappa_study: error: no complete runs under {args.sweep_dir}")
-    rows = summarize(runs)
+    try:
+        rows = summarize(runs)
+    except ValueError as err:  # two runs of one setting share a seed: no pairing
+        raise SystemExit(f"plot_kappa_study: error: {err}") from err
     fields = [
         "task",
         "arm",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from penrun.train.loop import capturable
+from penrun.train.cuda_graphs import capturable
 from penrun.train.optim import set_lr
 
 from conftest import run_main, run_task
@@ -25,6 +25,10 @@ from conftest import run_main, run_task
         (
             ["task=train_teacher", "trainer.cuda_graphs=true", "trainer.optimizer=sgd"],
             "trainer.cuda_graphs=true needs trainer.optimizer=adam or adamw, not 'sgd'",
+        ),
+        (
+            ["task=train_teacher", "trainer.cuda_graphs=true", "trainer.precision=bf16"],
+            "trainer.cuda_graphs=true captures float32 steps: set trainer.precision=32",
         ),
         (
             ["task=train_teacher", "trainer.cuda_graphs=true", "trainer.device=cpu"],

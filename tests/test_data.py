@@ -14,8 +14,6 @@ import torch
 from penrun.app.errors import ConfigError
 from penrun.data import epoch_batches, load_dataset, normalize, resize, sources, to_channels
 from penrun.data.batches import labelled_subset
-from penrun.data.dataset import ImageData
-from penrun.data.transforms import shift_images
 from penrun.errors import InputError
 
 from conftest import compose_config, run_task
@@ -231,70 +229,6 @@ def test_fashion_mnist_from_debian_files(tmp_path: Path, monkeypatch: pytest.Mon
     assert d.x_test.shape == (10, 1, 28, 28) and "Debian" in d.source
 
 
-def _image_data(x: torch.Tensor) -> ImageData:
-    y = torch.zeros(len(x), dtype=torch.long)
-    return ImageData("toy", x, y, x[:1].clone(), y[:1].clone(), 1, "test")
-
-
-def _random_images(seed: int = 0, shape: tuple[int, ...] = (3, 2, 9, 9)) -> torch.Tensor:
-    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
-def test_rotate_shift_matches_rot90_and_360_is_identity():
-    """rotate(90) is a quarter turn (torch.rot90, one way or the other), rotate(180) is
-    rot90(k=2) and rotate(360) the identity, on random 9x9 images. Fails if the angle is
-    taken in radians."""
-    x = _random_images()
-    quarter = shift_images(_image_data(x), "rotate", 90).x_train
-    assert any(torch.equal(quarter, torch.rot90(x, k, (2, 3))) for k in (1, -1))
-    assert torch.equal(shift_images(_image_data(x), "rotate", 180).x_train, torch.rot90(x, 2, (2, 3)))
-    full = shift_images(_image_data(x), "rotate", 360).x_train
-    assert (full.int() - x.int()).abs().max() <= 1
-
-
-def test_invert_and_scale_shifts_by_hand():
-    """invert(1) maps v -> 255 - v exactly and invert(0.5) maps every pixel to 127.5 (rounded
-    to 127 or 128); scale(1) is the identity and scale(0.5) shrinks a white image into its
-    centre with black corners. Fails if invert blends the other way round ((1-s)(255-x) +
-    s x), or the zoom multiplies the grid instead of dividing it."""
-    x = _random_images(1)
-    data = _image_data(x)
-    assert torch.equal(shift_images(data, "invert", 1.0).x_train, 255 - x)
-    half = shift_images(data, "invert", 0.5).x_train
-    assert set(half.unique().tolist()) <= {127, 128}
-    assert torch.equal(shift_images(data, "scale", 1.0).x_train, x)
-    white = torch.full((1, 1, 8, 8), 255, dtype=torch.uint8)
-    small = shift_images(_image_data(white), "scale", 0.5).x_train[0, 0]
-    assert small[3:5, 3:5].eq(255).all()
-    assert small[0, 0] == 0 and small[-1, -1] == 0 and small[0, -1] == 0 and small[-1, 0] == 0
-
-
-def test_blur_shift_keeps_constants_and_smooths_noise():
-    """Gaussian blur (replicate padding) keeps a constant image exactly, keeps the mean of a
-    noise image and cuts its variance by more than 4 (sigma = 1.5: a variance ratio of about
-    1 / (4 pi sigma^2) ~ 0.035 for white noise). Fails with zero padding or unnormalized taps."""
-    const = torch.full((2, 3, 10, 10), 77, dtype=torch.uint8)
-    assert torch.equal(shift_images(_image_data(const), "blur", 1.5).x_train, const)
-    x = _random_images(2, (4, 1, 32, 32))
-    blurred = shift_images(_image_data(x), "blur", 1.5).x_train.double()
-    assert abs(blurred.mean().item() - x.double().mean().item()) < 2.0
-    assert blurred.var().item() < x.double().var().item() / 4
-
-
-def test_noise_shift_has_the_requested_std_and_is_reproducible():
-    """noise(s) adds Gaussian noise of std 255 s: measured on a constant image (4096 pixels,
-    sd of the estimate ~1.1%; uint8 rounding adds 1/12 to the variance) within 5%; the same
-    seed gives the same images and another seed different ones. Fails if the std is s
-    instead of 255 s, or the seed is ignored."""
-    const = torch.full((16, 1, 16, 16), 128, dtype=torch.uint8)
-    data = _image_data(const)
-    noisy = shift_images(data, "noise", 0.05, seed=3).x_train
-    std = (noisy.double() - 128).std().item()
-    assert std == pytest.approx(255 * 0.05, rel=0.05)
-    assert torch.equal(shift_images(data, "noise", 0.05, seed=3).x_train, noisy)
-    assert not torch.equal(shift_images(data, "noise", 0.05, seed=4).x_train, noisy)
-
-
 def test_labelled_subset_takes_per_class_of_each_class():
     """Exactly per_class indices of each class, sorted and unique, the same for the same seed
     and different for another. Fails if the indices are left unsorted, the seed is ignored,
@@ -307,3 +241,47 @@ def test_labelled_subset_takes_per_class_of_each_class():
     assert picks.tolist() == sorted(set(picks.tolist()))
     assert torch.equal(labelled_subset(y, 5, 3, seed=1), picks)
     assert not torch.equal(labelled_subset(y, 5, 3, seed=2), picks)
+
+
+def write_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's CIFAR-10 files (cifar-10-batches-py: pickled dicts of (N, 3072) uint8 rows),
+    ten images per batch, their checksums switched off for these small stand-ins."""
+    import pickle
+
+    import torchvision
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": list(sources.DATASETS["cifar10"].class_names)})
+    )
+    cifar = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cifar, "train_list", [[name, None] for name, _ in cifar.train_list])
+    monkeypatch.setattr(cifar, "test_list", [[name, None] for name, _ in cifar.test_list])
+    monkeypatch.setattr(cifar, "meta", {**cifar.meta, "md5": None})
+
+
+def test_full_cifar10_wins_over_the_lossy_subset_wherever_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lossy subset in the data folder is read only when neither cifar10.npz nor torchvision's
+    files are on disk; the run's data names the file it read (tables say which CIFAR-10 ran)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    x = np.zeros((10, 32, 32, 3), dtype=np.uint8)
+    np.savez(
+        data_dir / "cifar10_jpeg_subset.npz", x_train=x, y_train=np.arange(10), x_test=x, y_test=np.arange(10)
+    )
+    cache = tmp_path / "cache"
+    subset = load_dataset("cifar10", data_dir=data_dir, cache_dir=cache, download=False)
+    assert subset.source.endswith("cifar10_jpeg_subset.npz") and len(subset.y_train) == 10
+    write_cifar10(cache / "cifar10", monkeypatch)
+    full = load_dataset("cifar10", data_dir=data_dir, cache_dir=cache, download=False)
+    assert "cifar10_jpeg_subset" not in full.source and len(full.y_train) == 50 and len(full.y_test) == 10
+    np.savez(data_dir / "cifar10.npz", x_train=x, y_train=np.arange(10), x_test=x[:5], y_test=np.arange(5))
+    assert load_dataset("cifar10", data_dir=data_dir, cache_dir=cache).source.endswith("cifar10.npz")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from penrun.app import schema
 from penrun.app.errors import ConfigError
+from penrun.app.tasks import distill
+from penrun.app.tasks.distill import Outcome, Protocol, StudentExamples, final_metrics, student_examples
 from penrun.core.losses import (
     LOSSES,
     DistillBatch,
@@ -25,6 +30,7 @@ from penrun.core.losses import (
     total_loss,
 )
 from penrun.core.penultimate import PenultimateModel
+from penrun.data import ImageData
 from penrun.models import build_classifier
 from penrun.models.classifiers import CosineHead
 
@@ -183,7 +189,7 @@ def test_mnist_to_usps_from_the_offline_folder(tmp_path: Path, data_dir: Path) -
         (["distill.losses.kd=-1"], r"^distill.losses.kd=-1.0 is invalid: use a number >= 0"),
         (
             ["transfer.shift=warp"],
-            r"^transfer.shift='warp' is invalid; valid: none, invert, rotate, scale, noise, blur$",
+            r"^transfer.shift='warp' is invalid; valid: none, invert, rotate, scale, noise, blur, corruption$",
         ),
         (["transfer.shift_strength=0"], r"^transfer.shift_strength=0.0 is invalid: use a number > 0"),
         (
@@ -504,3 +510,201 @@ def test_unlabeled_classes_are_the_teachers_argmax():
     log_ps = _np_log_softmax(ls / tau)
     smooth = tau**2 * (targets * (np.log(targets) - log_ps)).sum(1).mean()
     assert LOSSES["smooth"](b).item() == pytest.approx(smooth, rel=1e-6)
+
+
+# ---------------------------------------------------------------- which examples train, which validate
+def numbered(labels: list[int]) -> ImageData:
+    """Three classes whose training image i carries its index i in two pixels (i // 256, i % 256),
+    so that any example drawn can be traced back to its place in the split and its label."""
+    y = torch.tensor(labels)
+    n = len(y)
+    x = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = torch.arange(n) // 256, torch.arange(n) % 256
+    return ImageData("numbered", x, y, x[:3].clone(), y[:3].clone(), 3, "test")
+
+
+def indices(x: torch.Tensor) -> list[int]:
+    return (x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist()
+
+
+# 30, 25 and 40 examples of classes 0, 1, 2, shuffled.
+UNBALANCED = np.random.default_rng(0).permutation([0] * 30 + [1] * 25 + [2] * 40).tolist()
+
+
+def test_validation_examples_are_never_trained_on_in_either_protocol() -> None:
+    """4 held-out examples of each class; the student trains on the others (all of them with
+    labels=all or none, 5 per class with labels=5), never on a held-out one, and each example
+    keeps its own label. Without labels no label comes back at all. Fails if the held-out
+    examples stay in the pool, if the training set is drawn from the whole split, or if a
+    label is paired with another example."""
+    data = numbered(UNBALANCED)
+    y = np.array(UNBALANCED)
+    for labels, train_size in ((None, 95 - 12), ("all", 95 - 12), (5, 15)):
+        examples = student_examples(data, labels, val_per_class=4, seed=0)
+        train, val = indices(examples.x_train), indices(examples.x_val)
+        assert not set(train) & set(val) and len(set(train)) == train_size == len(train)
+        assert np.bincount(y[val], minlength=3).tolist() == [4, 4, 4]
+        if labels is None:
+            assert examples.y_train is None and examples.y_val is None
+            assert sorted(train + val) == list(range(95))
+        else:
+            assert examples.y_train.tolist() == y[train].tolist()
+            assert examples.y_val.tolist() == y[val].tolist()
+
+
+def test_the_labelled_subset_is_class_balanced_and_drawn_with_the_seed() -> None:
+    """labels=5: 5 examples of each class, a different draw for each seed, while the held-out
+    examples stay the same for every seed (each run validates on the same set). Fails if the
+    seed is ignored, or the validation set is drawn with it."""
+    data = numbered(UNBALANCED)
+    y = np.array(UNBALANCED)
+    draws = [student_examples(data, 5, val_per_class=4, seed=seed) for seed in (0, 1, 2)]
+    for examples in draws:
+        assert np.bincount(y[indices(examples.x_train)], minlength=3).tolist() == [5, 5, 5]
+    assert len({tuple(indices(e.x_train)) for e in draws}) == 3
+    assert len({tuple(indices(e.x_val)) for e in draws}) == 1
+
+
+def outcome(labelled: bool, history: list[dict[str, Any]]) -> Outcome:
+    images = numbered([0, 1, 2])
+    source, transfer = dataclasses.replace(images, name="src"), dataclasses.replace(images, name="dst")
+    return Outcome(
+        protocol=Protocol(source, transfer, labelled=labelled),
+        weights={"ce": 1.0, "kd": 0.5, "feature": 0.0},
+        labels=5 if labelled else "none",
+        train_size=50,
+        val_size=30,
+        teacher_path=Path("teacher.pt"),
+        teacher_accs={"teacher_source_acc": 0.9, "teacher_transfer_acc": 0.6},
+        history=history,
+        other_domain_acc=0.42,
+    )
+
+
+def test_the_epoch_is_selected_on_validation_even_where_the_test_set_disagrees() -> None:
+    """Crafted histories whose validation score peaks at epoch 2 (tied at 4: the first counts,
+    as best.pt keeps it) and whose test accuracy peaks at epoch 3: epoch 2 is selected in both
+    protocols, with its test accuracy; the last epoch's is reported apart. Fails if the epoch is
+    chosen on the test curve, or the last of equal validation scores is taken."""
+    val, test = [0.5, 0.8, 0.6, 0.8], [0.3, 0.4, 0.9, 0.35]
+    for labelled, (val_key, test_key, other) in {
+        True: ("val_acc", "transfer_acc", "source_acc"),
+        False: ("val_agreement", "source_acc", "transfer_acc"),
+    }.items():
+        history = [
+            {"epoch": e + 1, val_key: v, test_key: t} for e, (v, t) in enumerate(zip(val, test, strict=True))
+        ]
+        metrics = final_metrics(outcome(labelled, history))
+        assert metrics["selected_epoch"] == 2
+        assert metrics[f"selected_{test_key}"] == 0.4 and metrics[f"best_{val_key}"] == 0.8
+        assert metrics[test_key] == 0.35 and metrics[other] == 0.42
+        assert metrics["stability"] == {
+            test_key.removesuffix("_acc"): pytest.approx({"std_last": np.std(test), "max_drop": 0.55})
+        }
+        assert metrics["method"] == "ce+kd" and metrics["losses"] == {"ce": 1.0, "kd": 0.5}
+        assert (metrics["transfer_train_size"], metrics["val_size"]) == (50, 30)
+
+
+# ---------------------------------------------------------------- the options reach the losses
+class FirstStep(Exception):
+    """Raised at the first loss evaluation: what it was given is all a test needs."""
+
+
+def first_step(
+    overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[DistillBatch, dict[str, float], StudentExamples]:
+    """The DistillBatch and weights of a run's first training step, and the run's examples."""
+    seen: dict[str, Any] = {}
+
+    def total_loss_stops(batch: DistillBatch, weights: dict[str, float]):
+        seen["batch"], seen["weights"] = batch, dict(weights)
+        raise FirstStep
+
+    def examples_seen(*args: Any, **kwargs: Any) -> StudentExamples:
+        seen["examples"] = student_examples(*args, **kwargs)
+        return seen["examples"]
+
+    monkeypatch.setattr(distill, "total_loss", total_loss_stops)
+    monkeypatch.setattr(distill, "student_examples", examples_seen)
+    with pytest.raises(FirstStep):
+        run_task([*QUICK_DISTILL, *overrides, f"paths.output_dir={tmp_path}"], tmp_path / "run")
+    return seen["batch"], seen["weights"], seen["examples"]
+
+
+# Every loss term of the schema on, each with its own weight.
+WEIGHTS = {f.name: 0.25 * (i + 2) for i, f in enumerate(dataclasses.fields(schema.LossWeights))}
+
+
+def test_every_distill_option_reaches_the_losses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_teacher: str
+) -> None:
+    """A run's first step gets the configured weight of every loss term in the schema, tau,
+    dirichlet_beta, the transfer labels of `labels` per class and `val_per_class` held-out
+    examples per class; the smoothing matched to the synthetic targets grows with tau (a
+    softer softmax has more entropy). Fails if any option is replaced by its default or a
+    constant on its way to the loss."""
+    options = [
+        digits_teacher,
+        "student.penultimate_dim=32",  # feature and synthetic_head: the teacher's width
+        "distill.labels=5",
+        "distill.val_per_class=3",
+        "distill.dirichlet_beta=3.5",
+        *(f"distill.losses.{name}={w}" for name, w in WEIGHTS.items()),
+    ]
+    epsilon = {}
+    for tau in (2.5, 6.0):
+        batch, weights, examples = first_step(
+            [*options, f"distill.tau={tau}"], tmp_path / str(tau), monkeypatch
+        )
+        assert weights == WEIGHTS
+        assert batch.setup.tau == tau and batch.setup.dirichlet_beta == 3.5
+        assert (len(examples.x_train), len(examples.x_val)) == (50, 30)
+        assert batch.y is not None and set(batch.y.tolist()) <= set(examples.y_train.tolist())
+        epsilon[tau] = batch.setup.smooth_epsilon
+    assert 0 < epsilon[2.5] < epsilon[6.0] < 0.9
+
+
+def test_the_unlabeled_protocol_reads_no_transfer_label(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_teacher: str
+) -> None:
+    """Without labels, a run whose transfer labels are garbage (a random class for each training
+    and held-out example, once the held-out examples are chosen) gives the same numbers, epoch by
+    epoch; garbage test labels change only the reported transfer accuracies, the evaluation they
+    exist for. The labels that pick the fixed held-out set (class-balanced, the same for every
+    run: docs/method.md 5.4) are the only training labels read. Fails if the student's steps, the
+    validation agreement or the epoch's choice read a transfer label."""
+    # Besides the default kd + synthetic_head + feature, the terms that read each example's class.
+    classes = [
+        "distill.losses.synthetic_targets=1",
+        "distill.losses.dirichlet=0.5",
+        "distill.losses.smooth=0.5",
+    ]
+    overrides = [*QUICK_DISTILL, digits_teacher, "distill.labels=none", *classes]
+    clean = run_task([*overrides, f"paths.output_dir={tmp_path / 'clean'}"], tmp_path / "clean")
+    garbage = torch.Generator().manual_seed(1)
+
+    def scrambled(labels: torch.Tensor) -> torch.Tensor:
+        return torch.randint(0, 10, labels.shape, generator=garbage)
+
+    hold_out, transfer_data = distill.hold_out_validation, distill.transfer_data
+
+    def garbage_hold_out(transfer: ImageData, per_class: int):
+        pool, (x_val, y_val) = hold_out(transfer, per_class)
+        return dataclasses.replace(pool, y_train=scrambled(pool.y_train)), (x_val, scrambled(y_val))
+
+    def garbage_tests(cfg, source: ImageData) -> ImageData:
+        transfer = transfer_data(cfg, source)
+        return dataclasses.replace(transfer, y_test=scrambled(transfer.y_test))
+
+    monkeypatch.setattr(distill, "hold_out_validation", garbage_hold_out)
+    monkeypatch.setattr(distill, "transfer_data", garbage_tests)
+    noisy = run_task([*overrides, f"paths.output_dir={tmp_path / 'noisy'}"], tmp_path / "noisy")
+
+    def numbers(metrics: dict[str, Any]) -> dict[str, Any]:
+        history = [{k: v for k, v in row.items() if k != "epoch_time"} for row in metrics["history"]]
+        left_out = ("history", "transfer_acc", "teacher_transfer_acc")
+        return {k: v for k, v in metrics.items() if k not in left_out} | {"history": history}
+
+    assert numbers(noisy) == numbers(clean)
+    assert noisy["transfer_acc"] != clean["transfer_acc"]
+    assert noisy["teacher_transfer_acc"] != clean["teacher_transfer_acc"]

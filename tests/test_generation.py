@@ -116,9 +116,9 @@ def test_generation_metrics_from_the_evaluators_outputs() -> None:
 
 
 def test_training_conditions_are_labels_or_the_teachers_unit_activations() -> None:
-    from penrun.app.tasks.conditional_generation import training_conditions
+    from penrun.app.generation import training_conditions
     from penrun.data import ImageData
-    from penrun.train.loop import predict
+    from penrun.train.evaluation import predict
 
     y = torch.arange(10).repeat(3)
     x = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8)
@@ -335,7 +335,7 @@ def test_each_gan_step_gives_the_discriminator_its_own_gradient_only() -> None:
     weight gradients (8 each: computed, then discarded by the next D step), or if freezing D
     stopped G's gradient on its way through D (G's weights would not move)."""
     from penrun.app.config import trainer_settings
-    from penrun.app.tasks.conditional_generation import GenerationSetup
+    from penrun.app.generation import GenerationSetup
     from penrun.data import ImageData
     from penrun.train.loop import network_input
 

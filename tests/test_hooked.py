@@ -3,9 +3,6 @@ digits): its penultimate activations through a forward hook, and p(a | y) of its
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +12,6 @@ from penrun import PenultimateModel
 from penrun.core.statistics import activation_statistics
 from penrun.data import load_dataset, normalize
 from penrun.models import HookedClassifier
-
-from conftest import run_main
 
 
 @pytest.fixture(scope="module")
@@ -62,36 +57,4 @@ def test_a_head_that_is_not_a_linear_layer_is_refused(head: str, message: str) -
         HookedClassifier(torchvision.models.resnet18(num_classes=10), head=head)
 
 
-def test_task_fit_diagnoses_a_torchvision_classifier_from_its_state_dict(
-    resnet_on_digits, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """penrun task=fit teacher_torchvision=resnet18 teacher_ckpt=STATE_DICT: the pair identity
-    holds for the hooked ResNet-18 (posterior = softmax), from a file saved by plain torch."""
-    net, _, _ = resnet_on_digits
-    torch.save(net.module.state_dict(), tmp_path / "resnet18.pt")
-    common = ["task=fit", "data.image_size=32", "data.channels=3", "teacher_torchvision=resnet18"]
-    done = run_main([*common, f"teacher_ckpt={tmp_path / 'resnet18.pt'}"], tmp_path, capsys)
-    assert done.returncode == 0, done.stderr
-    (metrics_path,) = (tmp_path / "outputs").rglob("metrics.json")
-    metrics = json.loads(metrics_path.read_text())
-    assert metrics["dim"] == 512 and metrics["softmax_acc"] == metrics["generative_acc"]
-    assert metrics["posterior_max_abs_diff"] < 1e-4
-    assert len(metrics["options"]) == 4  # the calibrations, from statistics computed on the spot
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["task=fit", "teacher_torchvision=resnet18"], "teacher_torchvision='resnet18' needs teacher_ckpt=PATH"),
-        (["task=fit", "teacher_torchvision=resnet99", "teacher_ckpt=x.pt"], "teacher_torchvision='resnet99' is not a torchvision classifier"),
-        (["task=distill", "teacher_torchvision=resnet18"], "teacher_torchvision='resnet18' works with task=fit"),
-        (["task=fit", "teacher_torchvision=resnet18", "teacher_head_layer=avgpool", "teacher_ckpt=x.pt"],
-         "teacher_head_layer='avgpool' is a AdaptiveAvgPool2d"),
-    ],
-)  # fmt: skip
-def test_bad_torchvision_teachers_are_one_line_errors(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    done = run_main([*args, "data.image_size=32", "data.channels=3"], tmp_path, capsys)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+# The command line's library networks (net@teacher=torchvision|timm): tests/test_networks.py.

@@ -170,6 +170,10 @@ FUNCTION_IMPORTS_ALLOWED = {
     # scikit-learn only for the embedded digits dataset
     ("penrun.data.sources", "_digits", "sklearn.datasets"),
     ("penrun.data.sources", "_digits", "sklearn.model_selection"),
+    # the optional Optuna sweeper (~1 s) only when a search starts: its log lines go to stdout
+    ("penrun.app.sweeps", "quiet_optuna", "optuna"),
+    # the optional imagecorruptions (~1 s: OpenCV, scikit-image, numba) only when images are corrupted
+    ("penrun.data.corruptions", "corruption_package", "imagecorruptions"),
     # torchvision's dataset classes only when a dataset is not in the npz folder
     ("penrun.data.sources", "load", "torchvision.datasets"),  # in _torchvision_split
     # torchvision (~1.3 s, it pulls in torch._dynamo) only when a picture is made
@@ -178,8 +182,10 @@ FUNCTION_IMPORTS_ALLOWED = {
     # TensorBoard's writer (slow to import) only when a run logs its first scalar
     ("penrun.train.run_folder", "writer", "torch.utils.tensorboard"),  # the run folder's writer property
     ("penrun.train.run_folder", "log_hparams", "torch.utils.tensorboard.summary"),
-    # torchvision's model zoo only for a classifier trained elsewhere (teacher_torchvision)
-    ("penrun.app.teachers", "external_teacher", "torchvision.models"),
+    # torchvision's model zoo and the optional timm only for a network of theirs (net@teacher=torchvision|timm)
+    ("penrun.models.networks", "_torchvision", "torchvision.models"),
+    ("penrun.models.networks", "_timm", "timm"),
+    ("penrun.models.networks", "library_weights", "huggingface_hub.constants"),  # timm's cache, offline
     # a job's code (and torch) once a job starts: composing, --help and tab completion stay fast
     ("penrun.app.cli", "_hydra_main", "penrun.app.job"),
 }

@@ -246,6 +246,23 @@ def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_pa
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("metrics.json")} == stamps
 
 
+def test_a_search_whose_first_trial_is_refused_stops_there_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """hparams_search=distill_optuna searches ce's weight, and ce needs labels: without a
+    labelled row the config check refuses the first trial. The search stops there with the
+    check's one line and exit status 2 (not 20 refused trials and Optuna's traceback), and
+    leaves no trial folder behind."""
+    proc = run_main(["-m", "hparams_search=distill_optuna"], tmp_path, capsys)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "penrun: error: distill.losses.ce > 0 needs labels, but distill.labels=none; set "
+        "distill.labels=all or N, or ce=0"
+    ]
+    assert "#0 : " in proc.stdout and "#1 : " not in proc.stdout  # one trial launched
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+
+
 def test_rerun_moves_the_old_run_aside_and_starts_afresh(tmp_path: Path) -> None:
     """A folder of another config is refused, naming rerun=true; rerun=true renames it (nothing
     is deleted), runs afresh, and a report of the folder counts the fresh run only."""

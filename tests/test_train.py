@@ -25,6 +25,15 @@ from penrun.train.checkpoint import (
     restore_random_states,
 )
 from penrun.train.files import atomic_write, exclusive_lock, save_json, save_torch
+from penrun.train.loop import (
+    TrainerSettings,
+    TrainingDiverged,
+    descend,
+    forward_precision,
+    on_device,
+    optimize_epoch,
+    run_epoch,
+)
 from penrun.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor
 from penrun.train.seeding import rng_state, seed_everything, set_rng_state
 
@@ -254,6 +263,140 @@ def test_optimizers_and_the_argument_named_error() -> None:
         ValueError, match=r"^optimizer='lbfgs' is invalid; valid: \['adam', 'adamw', 'sgd'\]$"
     ):
         build_optimizer("lbfgs", params, 0.1, 0.0)
+
+
+def two_step_settings() -> TrainerSettings:
+    """Epoch 2 of 2 in two steps: the cosine schedule at positions 1/2 and 3/4."""
+    return TrainerSettings(
+        max_epochs=2,
+        batch_size=1,
+        eval_batch_size=1,
+        lr=1.0,
+        optimizer="sgd",
+        weight_decay=0.0,
+        schedule="cosine",
+        device=torch.device("cpu"),
+        num_threads=None,
+        progress=False,
+    )
+
+
+def test_an_epoch_of_two_optimizers_schedules_both_and_averages_their_logs() -> None:
+    """Two plain SGD optimizers, each on its own weight w with loss w * input (gradient: the
+    input), stepped by one step function as the GAN's D and G are. By hand: the learning rates
+    are 0.5 and (1 - 1/sqrt(2)) / 2; a -> -0.5 -> -0.5 - 3 f2, b -> -1 -> -1 - 4 f2. Fails if
+    the schedule skips an optimizer, a gradient leaks into the next step, or a log is summed."""
+    a, b = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(()))
+    opt_a, opt_b = torch.optim.SGD([a], lr=9.0), torch.optim.SGD([b], lr=9.0)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        descend(opt_a, a * x)
+        descend(opt_b, b * y)
+        return (a + b).detach(), {"a": a.detach().clone(), "b": b.detach().clone()}
+
+    batches = [(torch.tensor(1.0), torch.tensor(2.0)), (torch.tensor(3.0), torch.tensor(4.0))]
+    row = run_epoch(batches, 2, [opt_a, opt_b], step, two_step_settings(), epoch=2)
+    f2 = (1 - 1 / math.sqrt(2)) / 2
+    assert a.item() == pytest.approx(-0.5 - 3 * f2) and b.item() == pytest.approx(-1 - 4 * f2)
+    assert row["train_a"] == pytest.approx((-0.5 + (-0.5 - 3 * f2)) / 2)
+    assert row["train_b"] == pytest.approx((-1 + (-1 - 4 * f2)) / 2)
+    assert set(row) == {"train_a", "train_b", "epoch_time"}
+
+
+def test_an_epoch_stops_at_the_first_step_whose_watched_loss_is_not_finite() -> None:
+    """The step's first output is watched (the GAN's is D's loss plus G's); its logs are not."""
+    w = torch.nn.Parameter(torch.zeros(()))
+    opt = torch.optim.SGD([w], lr=0.1)
+    losses = iter([1.0, math.inf, 2.0])
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return torch.tensor(next(losses)), {"other": torch.tensor(math.nan)}
+
+    batches = [(torch.zeros(()), torch.zeros(()))] * 3
+    with pytest.raises(TrainingDiverged, match="at epoch 2, step 2;"):
+        run_epoch(batches, 3, [opt], step, two_step_settings(), epoch=2)
+
+
+def precision_settings(precision: str, channels_last: bool = False) -> TrainerSettings:
+    return TrainerSettings(
+        max_epochs=1,
+        batch_size=8,
+        eval_batch_size=8,
+        lr=1e-2,
+        optimizer="adam",
+        weight_decay=0.0,
+        schedule="constant",
+        device=torch.device("cpu"),
+        num_threads=None,
+        progress=False,
+        precision=precision,
+        channels_last=channels_last,
+    )
+
+
+def test_bf16_runs_a_forward_matrix_product_on_bfloat16_operands() -> None:
+    """Under "bf16" a linear layer gives what float32 arithmetic on its operands rounded to
+    bfloat16 gives, rounded to bfloat16 (autocast); under "32" the float32 product itself."""
+    gen = torch.Generator().manual_seed(0)
+    x, layer = torch.randn(5, 7, generator=gen), torch.nn.Linear(7, 3, bias=False)
+    exact = x @ layer.weight.detach().T
+    rounded = (x.bfloat16().float() @ layer.weight.detach().bfloat16().float().T).bfloat16()
+    with forward_precision(precision_settings("bf16")):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, rounded, rtol=1e-2, atol=0)  # one bfloat16 rounding apart at most
+    assert not torch.equal(out.float(), exact)
+    with forward_precision(precision_settings("32")):
+        assert torch.equal(layer(x), exact)
+
+
+def small_convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    )
+
+
+def test_precision_32_trains_bit_for_bit_as_a_bare_loop_and_bf16_trains_otherwise() -> None:
+    """An epoch of 6 Adam steps on one batch: under "32" the weights equal a plain PyTorch
+    loop's, bit for bit; under "bf16" they differ from them while the loss still falls."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    bare = small_convnet()
+    optimizer = torch.optim.Adam(bare.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(6):
+        loss = torch.nn.functional.cross_entropy(bare(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained, losses = {}, {}
+    for precision in ("32", "bf16"):
+        net, losses[precision] = small_convnet(), []
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=0.0)
+
+        def loss_fn(xb: torch.Tensor, yb: torch.Tensor, net=net, seen=losses[precision]) -> tuple:
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            seen.append(loss.item())
+            return loss, {}
+
+        optimize_epoch([(x, y)] * 6, 6, optimizer, loss_fn, precision_settings(precision), epoch=1)
+        trained[precision] = list(net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(trained["32"], bare.parameters(), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(trained["bf16"], bare.parameters(), strict=True))
+    assert all(p.dtype == torch.float32 for p in trained["bf16"])  # the weights stay float32
+    assert losses["bf16"][-1] < 0.8 * losses["bf16"][0]
+
+
+def test_channels_last_puts_conv_weights_in_nhwc_and_keeps_the_outputs() -> None:
+    x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    plain = on_device(small_convnet(), precision_settings("32"))
+    nhwc = on_device(small_convnet(), precision_settings("32", channels_last=True))
+    assert plain[0].weight.is_contiguous() and not plain[0].weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert nhwc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc[3].weight.is_contiguous()  # a linear layer's weights are left as they were
+    torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
 def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:

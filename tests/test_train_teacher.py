@@ -138,6 +138,7 @@ def test_mnist_lenet5_from_the_offline_folder(tmp_path: Path, data_dir: Path) ->
         ("trainer.lr=nan", r"^trainer.lr=nan is invalid: use a finite number$"),
         ("trainer.device=tpu", r"^trainer.device='tpu' is invalid; valid: auto, cpu, cuda, cuda:N$"),
         ("trainer.optimizer=lbfgs", r"^trainer.optimizer='lbfgs' is invalid; valid: adam, adamw, sgd$"),
+        ("trainer.precision=16", r"^trainer.precision='16' is invalid; valid: 32, bf16$"),
         ("trainer.max_epochs=0", r"^trainer.max_epochs=0 is invalid: use an integer >= 1"),
         ("teacher.head=arcface", r"^teacher.head='arcface' is invalid; valid: cosine, linear$"),
         ("teacher.penultimate_dim=1", r"^teacher.penultimate_dim=1 is invalid: use an integer >= 2"),

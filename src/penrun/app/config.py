@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.app.errors import ConfigError, config_keys
-from penrun.app.schema import RUNTIME_KEYS, check_values
-from penrun.data import ImageData, hold_out, load_dataset, subset
+from penrun.app.schema import IDENTITY_DEFAULTS, RUNTIME_KEYS, check_values
+from penrun.data import ImageData, hold_out, load_dataset, load_folder, match_classes, subset
 from penrun.errors import InputError
 from penrun.models import build_classifier
+from penrun.models.networks import check_arch, library_spec, library_weights, pretrained_info
 from penrun.train import distributed
 from penrun.train.devices import keep_freed_memory, resolve_device, set_threads
 from penrun.train.files import atomic_write
@@ -51,6 +53,8 @@ def check_cuda_graphs(trainer: DictConfig, key: str, device: torch.device) -> No
         raise ConfigError(
             f"{key}.cuda_graphs=true needs {key}.optimizer=adam or adamw, not {trainer.optimizer!r}"
         )
+    if trainer.precision != "32":
+        raise ConfigError(f"{key}.cuda_graphs=true captures float32 steps: set {key}.precision=32")
     if device.type != "cuda":
         raise ConfigError(
             f"{key}.cuda_graphs=true needs a CUDA device, but {key}.device={trainer.device!r} is {device}; "
@@ -63,11 +67,7 @@ def check_cuda_graphs(trainer: DictConfig, key: str, device: torch.device) -> No
 def setup(cfg: DictConfig) -> TrainerSettings:
     """Join torchrun's process group if there is one, then seed, set threads and tune the
     allocator."""
-    if cfg.teacher_torchvision and cfg.task.name != "fit":
-        raise ConfigError(
-            f"teacher_torchvision={cfg.teacher_torchvision!r} works with task=fit (a classifier from "
-            f"elsewhere, diagnosed), not task={cfg.task.name}"
-        )
+    check_networks(cfg)
     if cfg.trainer.cuda_graphs and cfg.task.name != "train_teacher":
         raise ConfigError(
             f"trainer.cuda_graphs=true: task={cfg.task.name} trains eagerly; CUDA graphs serve classifier "
@@ -81,22 +81,53 @@ def setup(cfg: DictConfig) -> TrainerSettings:
     return settings
 
 
-def load_data(cfg: DictConfig, node: str = "data") -> ImageData:
-    """The dataset of a data node (`data`, or `transfer`)."""
+def load_data(cfg: DictConfig, node: str = "data", like: ImageData | None = None) -> ImageData:
+    """The dataset of a data node (`data`, or `transfer`). An image folder given `like` (the
+    source a transfer set must fit) is decoded at its size and channels and relabelled into its
+    classes by name."""
     options = cfg[node]
-    keys = {name: f"{node}.{name}" for name in ("name", "path", "download", "image_size", "channels")}
-    with config_keys(**keys, data_dir="paths.data_dir"):
-        data = load_dataset(
-            options.name,
-            data_dir=cfg.paths.data_dir,
-            cache_dir=cfg.paths.cache_dir,
-            download=options.download,
-            path=options.path,
-            image_size=options.image_size,
-            channels=options.channels,
-        )
+    if options.name == "folder":
+        data = load_image_folder(options, node, like)
+    else:
+        keys = {name: f"{node}.{name}" for name in ("name", "path", "download", "image_size", "channels")}
+        with config_keys(**keys, data_dir="paths.data_dir"):
+            data = load_dataset(
+                options.name,
+                data_dir=cfg.paths.data_dir,
+                cache_dir=cfg.paths.cache_dir,
+                download=options.download,
+                path=options.path,
+                image_size=options.image_size,
+                channels=options.channels,
+            )
     if options.limit_train is not None or options.limit_test is not None:
         data = subset(data, options.limit_train, options.limit_test)
+    return data
+
+
+def load_image_folder(options: DictConfig, node: str, like: ImageData | None) -> ImageData:
+    """`data=folder` (or `data@transfer=folder`): the folder `root`, checked before training."""
+    names = ("root", "image_size", "channels", "test_fraction", "in_memory", "memory_mb", "workers")
+    with config_keys(**{name: f"{node}.{name}" for name in names}, skip_corrupt=f"{node}.skip_corrupt"):
+        data = load_folder(
+            options.root,
+            image_size=like.image_size if like is not None else options.image_size,
+            channels=like.channels if like is not None else options.channels,
+            test_fraction=options.test_fraction,
+            in_memory=options.in_memory,
+            memory_mb=options.memory_mb,
+            workers=options.workers,
+            skip_corrupt=options.skip_corrupt,
+        )
+        if like is not None and data.labelled:
+            unnamed = tuple(str(k) for k in range(like.num_classes))  # an npz file: labels 0..K-1
+            data = match_classes(data, like.class_names or unnamed, like.name)
+    streamed = not isinstance(data.x_train, torch.Tensor) or not isinstance(data.x_test, torch.Tensor)
+    if streamed and options.get("shift", "none") != "none":  # shifts transform whole tensors
+        raise ConfigError(
+            f"{node}.shift={options.shift} needs the images in memory: set {node}.in_memory=true"
+        )
+    log.info(data.describe())
     return data
 
 
@@ -114,24 +145,63 @@ def validation_split(
 def classifier_spec(cfg: DictConfig, node: str, data: ImageData) -> dict[str, Any]:
     """The arguments of `build_classifier` for a network node (`teacher`, `student`,
     `evaluator`) on a dataset, saved in checkpoints so that a classifier can be rebuilt from
-    its file alone."""
+    its file alone. The network is built once here: bad values fail now, before any training,
+    and a library network's spec records its head layer and width."""
     net_cfg = cfg[node]
-    spec = dict(
-        arch=net_cfg.arch,
-        channels=data.channels,
-        image_size=data.image_size,
-        num_classes=data.num_classes,
-        penultimate_dim=net_cfg.penultimate_dim,
-        head=net_cfg.head,
-        scale=net_cfg.scale,
-        bias=net_cfg.bias,
-        feature_relu=net_cfg.feature_relu,
-        width=net_cfg.width,
-    )
-    keys = {name: f"{node}.{name}" for name in ("arch", "head", "penultimate_dim", "width", "scale")}
-    with config_keys(**keys, image_size="data.image_size"):
-        build_classifier(**spec)  # fail on bad values now, before any training
-    return spec
+    shape = dict(channels=data.channels, image_size=data.image_size, num_classes=data.num_classes)
+    if net_cfg.source == "penrun":
+        spec = dict(
+            arch=net_cfg.arch,
+            **shape,
+            penultimate_dim=net_cfg.penultimate_dim,
+            head=net_cfg.head,
+            scale=net_cfg.scale,
+            bias=net_cfg.bias,
+            feature_relu=net_cfg.feature_relu,
+            width=net_cfg.width,
+        )
+        keys = {name: f"{node}.{name}" for name in ("arch", "head", "penultimate_dim", "width", "scale")}
+        with config_keys(**keys, image_size="data.image_size"):
+            build_classifier(**spec)
+        return spec
+    spec = dict(source=net_cfg.source, arch=net_cfg.arch, **shape, head_layer=net_cfg.head_layer)
+    with network_keys(node):
+        if net_cfg.pretrained:  # into the library's cache now: offline, refused before any training
+            _, normalization = pretrained_info(net_cfg.source, net_cfg.arch)
+            library_weights(net_cfg.source, net_cfg.arch)
+            spec |= dict(pretrained=True, normalization=normalization)
+        net = build_classifier(**(spec | {"pretrained": False}))
+    return spec | library_spec(net)
+
+
+NETWORK_NODES = ("teacher", "student", "evaluator")
+
+
+def check_networks(cfg: DictConfig) -> None:
+    """Each network node's `arch` is one of its source's classifiers (a cheap check of names,
+    before any data is loaded or network trained; the network is built later)."""
+    for node in NETWORK_NODES:
+        net_cfg = cfg.get(node)
+        if net_cfg is None:
+            continue
+        if net_cfg.source == "penrun" and (net_cfg.pretrained or net_cfg.head_layer is not None):
+            option = "pretrained=true" if net_cfg.pretrained else f"head_layer={net_cfg.head_layer}"
+            raise ConfigError(
+                f"{node}.{option} is for torchvision and timm networks: choose one with "
+                f"net@{node}=torchvision|timm {node}.arch=NAME"
+            )
+        with network_keys(node):
+            check_arch(net_cfg.source, net_cfg.arch)
+
+
+@contextmanager
+def network_keys(node: str) -> Iterator[None]:
+    """Library errors about a network node's arguments in the words of its config keys."""
+    names = ("source", "arch", "pretrained", "penultimate_dim")
+    keys = {name: f"{node}.{name}" for name in names}
+    with config_keys(**keys, head=f"{node}.head_layer", head_layer=f"{node}.head_layer",
+                     image_size="data.image_size", channels="data.channels"):  # fmt: skip
+        yield
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -160,7 +230,7 @@ def job_folder() -> Path:
 
 
 def open_folder(cfg: DictConfig, directory: Path | None = None) -> RunFolder:
-    return RunFolder(directory or job_folder(), run_config(cfg))
+    return RunFolder(directory or job_folder(), run_config(cfg), IDENTITY_DEFAULTS)
 
 
 # The folders this process opened for its current job: the entry point closes them when the

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from penrun.app import sweeps
@@ -42,12 +43,17 @@ def objective(metrics: dict[str, Any], key: str | None = None) -> float | None:
 
 def run_job(cfg: DictConfig, sweep: bool) -> float | None:
     """One job, returning its objective. In a sweep a failure is recorded in the job's folder
-    (failed.json) and the sweep goes on; a single run stops with the error."""
+    (failed.json) and the sweep goes on; a single run stops with the error, and so does a
+    search (Optuna's) whose trial is refused as bad input: the next trials, drawn from the same
+    space, would be refused alike, and a search of refused trials has nothing to choose from."""
     folder = job_folder()
     try:
-        value = objective(get_task(cfg.task.name)(cfg), cfg.objective)
+        metrics = get_task(cfg.task.name)(cfg)
+        # Only a sweeper reads the objective: a single run is not refused once its work is saved.
+        value = objective(metrics, cfg.objective) if sweep else None
     except Exception as err:
-        report_failure(err, folder, sweep)
+        searching = sweep and sweeps.chooses_as_it_goes(HydraConfig.get())
+        report_failure(err, folder, sweep and not (searching and isinstance(err, InputError)))
         return None
     else:
         sweeps.clear_failure(folder)

@@ -1,5 +1,5 @@
 """What the launching process needs before any job runs, without importing torch: folder
-names (run_key, the resolvers configs/config.yaml uses; a sweep's own folder), the Hydra
+names (run_key, the resolvers configs/hydra/penrun.yaml uses; a sweep's own folder), the Hydra
 plugins a command asks for, and the rank torchrun gave this process."""
 
 from __future__ import annotations

@@ -63,11 +63,23 @@ def runtime(default: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    name: str = choices("digits", Names("penrun.data", "DATASETS", after=("npz",)))
+    name: str = choices("digits", Names("penrun.data", "DATASETS", after=("folder", "npz")))
     path: str | None = None  # the .npz file of name=npz
-    download: bool = True
-    image_size: int | None = at_least(None, 4, high=1024)
-    channels: int | None = choices(None, (None, 1, 3))
+    # name=folder: the image folder (root/train/<class>/ + root/test/<class>/, root/<class>/, or a
+    # flat folder of unlabeled images), the test share of a folder without train/ and test/,
+    # whether a split is held in memory (auto: when its decoded size is under memory_mb MiB) or
+    # streamed by `workers` DataLoader processes (the same numbers either way: runtime), and
+    # whether unreadable images are skipped (with a logged count) rather than refused.
+    root: str | None = None
+    test_fraction: float = above(0.2, 0.0, high=0.9)
+    in_memory: Any = field(default="auto", metadata={"choices": ("auto", True, False), "runtime": True})
+    memory_mb: float = at_least(2048.0, 0.0, high=1e9, runtime=True)
+    workers: int = at_least(0, 0, high=256, runtime=True)
+    skip_corrupt: bool = False
+    download: bool = True  # torchvision download when no npz is in the data folder
+    image_size: int | None = at_least(None, 4, high=1024)  # null: native; set it so two datasets meet
+    channels: int | None = choices(None, (None, 1, 3))  # null: native; 1 (grey) or 3 (RGB)
+    # a fixed random subset of the training split (quick runs)
     limit_train: int | None = at_least(None, 1)
     limit_test: int | None = at_least(None, 1)
     # Training examples held out to validate on (best epoch, choices); null: a tenth of them.
@@ -76,18 +88,33 @@ class DataConfig:
 
 @dataclass
 class TransferConfig(DataConfig):
-    shift: str = choices("none", Names("penrun.data.transforms", "SHIFTS", before=("none",)))
+    shift: str = choices(
+        "none", Names("penrun.data.transforms", "SHIFTS", before=("none",), after=("corruption",))
+    )
     shift_strength: float = above(1.0, 0.0, high=360.0)
+    # shift=corruption (penrun[corruptions]): one of the 15 common corruptions, at severity 1..5.
+    # null unless set, so that the runs of other shifts keep their configs.
+    corruption: str | None = choices(None, Names("penrun.data.corruptions", "CORRUPTIONS"))
+    severity: int | None = at_least(None, 1, high=5)
 
 
 @dataclass
 class NetConfig:
-    arch: str = choices("mlp", Names("penrun.models.classifiers", "ARCHITECTURES"))
+    # Where the network comes from (models/networks.py); `arch` names one of that source's
+    # classifiers (checked against the source's list when the network is built).
+    source: str = choices("penrun", Names("penrun.models.networks", "SOURCES"))
+    arch: str = "mlp"
+    # torchvision and timm: the library's pretrained weights, and the name of the final
+    # nn.Linear (null: the last nn.Linear whose outputs are the logits).
+    pretrained: bool = False
+    head_layer: str | None = None
     width: float = above(1.0, 0.0, high=64.0)
     penultimate_dim: int = at_least(64, 2, high=8192)
+    # cosine (kappa = scale for every class) | linear (kappa = |h| |w_k|)
     head: str = choices("cosine", Names("penrun.models.classifiers", "HEADS"))
-    scale: float = above(16.0, 0.0, high=1e4)
+    scale: float = above(16.0, 0.0, high=1e4)  # cosine head: logits = scale * cos(w_k, h)
     bias: bool = False
+    # true keeps a ReLU on the penultimate layer (the vMF model then fits worse)
     feature_relu: bool = False
 
 
@@ -97,23 +124,39 @@ class TrainerConfig:
     batch_size: int = at_least(64, 2, high=10**6)  # batch norm cannot train on a batch of one
     eval_batch_size: int = at_least(1024, 1, high=10**6)
     lr: float = above(1e-3, 0.0, high=10.0)
-    optimizer: str = choices("adam", Names("penrun.train.optim", "OPTIMIZERS"))
+    optimizer: str = choices("adam", Names("penrun.train.optim", "OPTIMIZERS"))  # adam | adamw | sgd
     weight_decay: float = at_least(5e-4, 0.0, high=1.0)
+    # cosine | constant; set every optimizer step from the position in training alone (resuming
+    # needs no scheduler state)
     schedule: str = choices("cosine", Names("penrun.train.optim", "SCHEDULES"))
-    device: str = runtime("auto")
-    num_threads: int | None = at_least(None, 1, high=1024, runtime=True)
-    progress: bool = runtime(True)
+    device: str = runtime("auto")  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = at_least(None, 1, high=1024, runtime=True)  # null: torch's default
+    progress: bool = runtime(True)  # tqdm bars (quiet anyway when stderr is not a terminal)
     # Classifier training replays each optimizer step from a CUDA graph (CUDA, adam/adamw).
     # Runtime like `device`: the same computation, launched differently (same numbers to
     # float rounding; tests/test_cuda_graphs.py).
     cuda_graphs: bool = runtime(False)
+    # 32 | bf16 (Lightning's names): bf16 runs training's forward passes under bfloat16
+    # autocast (every number changes; evaluation stays float32). channels_last: conv weights
+    # and activations in NHWC (same numbers to float rounding: runtime). BENCHMARKS.md#precision.
+    precision: str = choices("32", Names("penrun.train.loop", "PRECISIONS"))
+    channels_last: bool = runtime(False)
 
 
 @dataclass
 class VmfConfig:
+    """The class-conditional vMF model p(a | y) of a teacher's final layer, shared by distill,
+    fit, vae and gan (docs/method.md#33-the-kappa-options). class_mean, fitted and matched read
+    the activation statistics recorded with the teacher at training time (no source data needed)."""
+
+    # weights (the paper's: mu_k = w_k / |w_k|) | class_mean (mean direction of the class's
+    # training activations)
     direction: str = choices("weights", Names("penrun.core.penultimate", "DIRECTION_OPTIONS"))
+    # weights (the paper's: kappa_k = r |w_k|) | fitted (ML fit around the class's own mean) |
+    # matched (ML fit with the mean held at `direction`)
     kappa: str = choices("weights", Names("penrun.core.penultimate", "KAPPA_OPTIONS"))
-    kappa_scale: float = at_least(1.0, 0.0, high=1e4)
+    kappa_scale: float = at_least(1.0, 0.0, high=1e4)  # multiplies kappa
+    # linear heads: fixed (the class's mean norm) | empirical (draws from recorded norms)
     radius: str = choices("fixed", Names("penrun.core.penultimate", "RADIUS_OPTIONS"))
 
 
@@ -137,15 +180,19 @@ class LossWeights:
 
 @dataclass
 class DistillConfig:
-    labels: Any = "none"  # none | all | N labelled examples per class
+    labels: Any = "none"  # none (unlabeled transfer set) | all | N labelled examples per class
+    # temperature of kd / synthetic_targets / synthetic_head / dirichlet / smooth
     tau: float = above(4.0, 0.0, high=1e3)
-    losses: LossWeights = field(default_factory=LossWeights)  # every term's weight (0: off)
+    # Every term with its weight (0 = off); method presets set these, single weights override.
+    losses: LossWeights = field(default_factory=LossWeights)
+    # Dirichlet concentration = beta * class similarity of the teacher's weights
     dirichlet_beta: float = above(1.0, 0.0, high=1e6)
     val_per_class: int = at_least(10, 1, high=10**6)
 
 
 @dataclass
 class FitConfig:
+    # synthetic activations per class to train the linear probe
     samples_per_class: int = at_least(1000, 2, high=10**6)
 
 
@@ -160,30 +207,39 @@ class GenConfig:
 
 @dataclass
 class VaeConfig:
+    # linear warm-up of the KL weight over these epochs (0: none)
     kl_warmup_epochs: int = at_least(0, 0, high=10**6)
 
 
 @dataclass
 class GanConfig:
+    # weight of 1 - cos(teacher activation of G(z, c), c); needs gen.cond=penultimate
     consistency: float = at_least(0.0, 0.0, high=1e3)
+    # Adam betas of generator and discriminator
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
 
 
 @dataclass
 class ReportConfig:
+    # keys (metrics.json fields or dotted config keys) that name a row; null: what varies
     rows: list[str] | None = None
-    columns: list[str] | None = None
+    columns: list[str] | None = None  # keys that name a column group, e.g. [transfer]
+    # metrics to show, e.g. [source_acc, best_source_acc]; null: the numeric ones
     values: list[str] | None = None
-    curve: str | None = None
+    curve: str | None = None  # a per-epoch metric to plot per row (curves.png), e.g. source_acc
+    # a row (its keys' values joined by spaces, e.g. ce): each other row's paired difference to it
     baseline: str | None = None
+    # searched keys, e.g. [distill.tau]: per row, their setting with the best mean of the first
+    # value (chosen.csv)
     choose: list[str] | None = None
 
 
 @dataclass
 class PathsConfig:
-    data_dir: str | None = runtime(None)
-    cache_dir: str = runtime("~/.cache/penrun")
-    output_dir: str = runtime("outputs")
+    # Folder of <dataset>.npz files that win over torchvision downloads (read-only is fine).
+    data_dir: str | None = runtime("${oc.env:PENRUN_DATA_DIR,null}")
+    cache_dir: str = runtime('${oc.env:PENRUN_CACHE_DIR,"~/.cache/penrun"}')  # where torchvision downloads go
+    output_dir: str = runtime("outputs")  # root of all run folders (relative to where penrun is started)
 
 
 @dataclass
@@ -195,18 +251,20 @@ class TaskConfig:
 class PenrunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     seed: int = at_least(0, 0, high=SEED_MAX)
+    # Names the sweep folder, outputs/multirun/<experiment_name>. Experiments set their own; a sweep
+    # given none is named by its task and its own overrides (app/launch.py: own_sweep_dir).
     experiment_name: str = "${task.name}"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: NetConfig = field(default_factory=NetConfig)
     student: NetConfig = field(default_factory=NetConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     teacher_trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Seed of a teacher trained (and cached) for tasks that need one; kept apart from `seed` so
+    # that a sweep over seeds reuses one teacher.
     teacher_seed: int = at_least(0, 0, high=SEED_MAX)
+    # A teacher checkpoint (checkpoints/last.pt of a train_teacher run, or with net@teacher=torchvision
+    # or timm a state_dict of that network); null: train and cache one.
     teacher_ckpt: str | None = None
-    # A classifier trained elsewhere (task=fit): a torchvision model name, with teacher_ckpt its
-    # state_dict and teacher_head_layer its final nn.Linear (models/hooked.py).
-    teacher_torchvision: str | None = None
-    teacher_head_layer: str = "fc"
     # Start afresh where a run (finished, interrupted or of another config) already is: the old
     # folder is renamed to <folder>.old-<time>, never deleted.
     rerun: bool = runtime(False)
@@ -225,6 +283,7 @@ class PenrunConfig:
     evaluator: NetConfig | None = None
     evaluator_trainer: TrainerConfig | None = None
     evaluator_ckpt: str | None = None
+    # differs from teacher_seed (vae, gan): the evaluator is independent of the teacher
     evaluator_seed: int | None = at_least(None, 0, high=SEED_MAX)
     report: ReportConfig | None = None
     sweep_dir: str | None = None
@@ -260,6 +319,28 @@ def _marked_fields(schema: type, prefix: str = "") -> dict[str, dict[str, Any]]:
 FIELD_MARKS: dict[str, dict[str, Any]] = _marked_fields(PenrunConfig)
 
 RUNTIME_KEYS: tuple[str, ...] = tuple(key for key, mark in FIELD_MARKS.items() if mark.get("runtime"))
+
+# Keys that finished runs stored and the schema no longer has, at the value every run before
+# their removal behaved as (a run that set another value stays a run of another config).
+RETIRED_KEYS: dict[str, Any] = {"teacher_head_layer": "fc"}
+
+
+def _field_defaults(schema: type, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field's default by its dotted key, inside optional nodes too."""
+    nested = _nested_schemas(schema)
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if f.name in nested:
+            defaults |= _field_defaults(nested[f.name], f"{prefix}{f.name}.")
+        else:
+            has_factory = f.default_factory is not dataclasses.MISSING
+            defaults[f"{prefix}{f.name}"] = f.default_factory() if has_factory else f.default
+    return defaults
+
+
+# What a stored run config that lacks a key meant by it (train/run_folder.py: config_difference):
+# a key added to the schema after the run holds its default, a retired key its last value.
+IDENTITY_DEFAULTS: dict[str, Any] = _field_defaults(PenrunConfig) | RETIRED_KEYS
 
 
 def check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:

@@ -9,6 +9,7 @@ names the failures.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import sys
 import time
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, open_dict
 from penrun.app.config import run_config
 from penrun.app.errors import ConfigError, composition_error
 from penrun.app.launch import failed_jobs, name_sweep_dir, parse_overrides, report_command
+from penrun.app.schema import IDENTITY_DEFAULTS
 from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import load_checkpoint
@@ -127,7 +129,7 @@ def check_same_configs(jobs: list[PlannedJob]) -> None:
     clashes = []
     for job in jobs:
         old = stored_config(job.folder)
-        diff = config_difference(old, job.config) if old is not None else []
+        diff = config_difference(old, job.config, IDENTITY_DEFAULTS) if old is not None else []
         if diff:
             clashes.append(f"{job.folder} ({'; '.join(diff[:3])})")
     if clashes:
@@ -153,8 +155,25 @@ def describe_plan(sweep_dir: str, jobs: list[PlannedJob]) -> str:
     return f"sweep {sweep_dir}: {len(jobs)} jobs: {', '.join(parts)}"
 
 
+def chooses_as_it_goes(hydra: DictConfig) -> bool:
+    """Whether a sweep's sweeper (the `hydra` node) draws each job from the results of the
+    previous ones (Optuna), rather than launching a planned list (BasicSweeper)."""
+    return not str(hydra.sweeper._target_).endswith("BasicSweeper")
+
+
+def quiet_optuna() -> None:
+    """Optuna's own log lines (a study created, a trial's result) go to the console with
+    Hydra's, on stdout, instead of to stderr, which keeps to errors."""
+    if importlib.util.find_spec("optuna") is None:
+        return
+    import optuna  # (~1 s) only for a search
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
 class SweepCallback(Callback):
-    """Registered in configs/config.yaml (hydra.callbacks); runs in the launching process."""
+    """Registered in configs/hydra/penrun.yaml (callbacks); runs in the launching process."""
 
     def __init__(self) -> None:
         self.jobs: list[PlannedJob] = []
@@ -163,10 +182,11 @@ class SweepCallback(Callback):
         # Hydra turns a callback's exception into a warning: stop here, with exit status 2.
         try:
             name_sweep_dir(config)
-            if not str(config.hydra.sweeper._target_).endswith("BasicSweeper"):
+            if chooses_as_it_goes(config.hydra):
                 sweeper = str(config.hydra.sweeper._target_).rsplit(".", 1)[-1]
                 print(f"sweep {config.hydra.sweep.dir}: jobs chosen as it goes by {sweeper}")
-                return  # other sweepers choose their jobs as they go
+                quiet_optuna()
+                return
             self.jobs = plan_jobs(config)
             if not config.get("rerun"):  # rerun=true: each job moves its old folder aside
                 check_same_configs(self.jobs)

@@ -1,5 +1,9 @@
-"""The teacher a task uses: `teacher_ckpt=PATH`, or one trained for the configured `data` and
-`teacher` and cached under `paths.output_dir/teachers/`, keyed by everything that shapes it."""
+"""The teacher (or evaluator) a task uses: `teacher_ckpt=PATH`, or one trained for the configured
+`data` and `teacher` and cached under `paths.output_dir/teachers/`, keyed by everything that
+shapes it. A torchvision or timm network (`net@teacher=torchvision`) given as a bare state_dict
+or as the library's pretrained weights becomes a penrun checkpoint with its activation
+statistics once, cached under `paths.output_dir/statistics/` (keyed by the weights' content
+hash, the network's spec and the data)."""
 
 from __future__ import annotations
 
@@ -11,17 +15,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from penrun.app.config import classifier_spec, strip_runtime_keys, trainer_settings, validation_split
-from penrun.app.errors import ConfigError, config_keys
+from penrun.app.config import (
+    classifier_spec,
+    network_keys,
+    strip_runtime_keys,
+    trainer_settings,
+    validation_split,
+)
+from penrun.app.errors import ConfigError
+from penrun.app.schema import IDENTITY_DEFAULTS
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import ImageData
-from penrun.models import Classifier, HookedClassifier
+from penrun.models import Classifier, HookedClassifier, build_classifier
+from penrun.models.networks import head_classes, load_weights, pretrained_info
 from penrun.train import distributed
-from penrun.train.checkpoint import load_classifier, load_state_dict
-from penrun.train.classifier import statistics_of, train_classifier
-from penrun.train.files import exclusive_lock
+from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_classifier, load_state_dict, read_weights_only
+from penrun.train.classifier import statistics_of, train_and_record
+from penrun.train.files import exclusive_lock, save_torch
 from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import RunFolder, made_by
 
@@ -49,38 +62,105 @@ def penultimate_model(
         raise ConfigError(f"teacher checkpoint {str(path)!r} cannot define p(a | y): {err}{hint}") from err
 
 
-def external_teacher(
-    cfg: DictConfig, data: ImageData, settings: TrainerSettings
-) -> tuple[HookedClassifier, dict[str, Any], Path]:
-    """`teacher_torchvision=NAME teacher_ckpt=STATE_DICT`: a torchvision classifier trained
-    elsewhere, its penultimate activations caught by a hook on `teacher_head_layer`; the
-    activation statistics its vMF options need are computed here, on the training split."""
-    import torchvision.models  # (~1 s) only for a classifier from elsewhere
+def library_checkpoint(
+    cfg: DictConfig,
+    data: ImageData,
+    settings: TrainerSettings,
+    *,
+    net_key: str = "teacher",
+    ckpt_key: str = "teacher_ckpt",
+) -> Path:
+    """A torchvision or timm network's weights (the state_dict at `cfg[ckpt_key]`, or the
+    library's pretrained ones when it is null) as a penrun checkpoint: the state_dict, the
+    network's spec, and the activation statistics of the training split less validation.
+    Made once and cached, keyed by the weights' content hash, the spec and the data; its path."""
+    given = cfg.get(ckpt_key)
+    if given is None:  # the library's own weights, used as they are: their classes must be the data's
+        net_cfg = cfg[net_key]
+        with network_keys(net_key):
+            classes, _ = pretrained_info(net_cfg.source, net_cfg.arch)
+        check_classes(classes, data, f"{net_key}.pretrained=true ({net_cfg.source}'s {net_cfg.arch})")
+    train, _ = validation_split(cfg, data)
+    spec = classifier_spec(cfg, net_key, train)
+    weights = f"sha256:{file_sha256(given)}" if given is not None else f"{spec['source']}:pretrained"
+    identity = {"weights": weights, "spec": spec, "data": OmegaConf.to_container(cfg.data, resolve=True)}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(cfg.paths.output_dir) / "statistics" / f"{data.name}-{spec['arch']}-{digest}.pt"
+    with cache_lock(path):
+        cached = distributed.broadcast_object(path.is_file())
+        if cached:
+            log.info(f"using cached statistics {path} of {net_key} {spec['arch']} ({weights})")
+        else:
+            net = library_network(cfg, spec, train, net_key, ckpt_key)
+            log.info(
+                f"{net_key} {spec['arch']}: activation statistics of {len(train.y_train)} training images"
+            )
+            stats = statistics_of(net.to(settings.device), train, settings)
+            save_torch(path, classifier_checkpoint(spec, net, stats, identity))
+    distributed.barrier()
+    return path
 
-    name, path = cfg.teacher_torchvision, cfg.teacher_ckpt
-    if path is None:
-        raise ConfigError(
-            f"teacher_torchvision={name!r} needs teacher_ckpt=PATH: the model's state_dict "
-            "(torch.save(model.state_dict(), PATH))"
-        )
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError(
-            f"teacher_torchvision={name!r} is not a torchvision classifier; valid: e.g. resnet18, "
-            "mobilenet_v3_small (torchvision.models.list_models())"
-        )
-    module = torchvision.models.get_model(name, num_classes=data.num_classes)
-    with config_keys(head="teacher_head_layer"):
-        net = HookedClassifier(module, cfg.teacher_head_layer)
+
+def library_network(
+    cfg: DictConfig, spec: dict[str, Any], data: ImageData, net_key: str, ckpt_key: str
+) -> HookedClassifier:
+    """The network of a library spec with the weights `library_checkpoint` describes: a
+    state_dict's head must have the data's class count, and the rest fit the network."""
+    given = cfg.get(ckpt_key)
+    with network_keys(net_key):
+        if given is None:  # the library's own weights (their classes checked), used as they are
+            return build_classifier(**spec).eval()
+        net = build_classifier(**(spec | {"pretrained": False}))
+    state = load_state_dict(given)
+    head = spec["head_layer"]
+    classes = head_classes(head, state)
+    if classes is not None:
+        check_classes(classes, data, f"{ckpt_key}={str(given)!r} (head {head})")
     try:
-        module.load_state_dict(load_state_dict(path))
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        load_weights(net.module, state)
+    except ValueError as err:
         raise ConfigError(
-            f"teacher_ckpt={str(path)!r} does not fit torchvision's {name} with {data.num_classes} classes: {first}"
+            f"{ckpt_key}={str(given)!r} does not fit {net_key}.arch={spec['arch']}: {err}"
         ) from err
-    net.eval().to(settings.device)
-    log.info(f"teacher {name} from {path}: activation statistics of {len(data.y_train)} training images")
-    return net, {"activation_stats": statistics_of(net, data, settings)}, Path(path)
+    return net.eval()
+
+
+def check_classes(classes: int, data: ImageData, what: str) -> None:
+    """A teacher's head defines its classes: the data must have as many."""
+    if classes != data.num_classes:
+        raise ConfigError(
+            f"{what} has {classes} classes, the data {data.name} {data.num_classes}: use the data the "
+            "network was trained on"
+        )
+
+
+def classifier_checkpoint(
+    spec: dict[str, Any], net: HookedClassifier, stats: dict[str, torch.Tensor], identity: dict[str, Any]
+) -> dict[str, Any]:
+    """A penrun checkpoint of a network whose weights came from elsewhere (load_classifier
+    rebuilds it from the spec alone: the weights are in the file, not fetched again)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": 0,
+        "classifier": spec | {"pretrained": False},
+        "modules": {"model": net.state_dict()},
+        "activation_stats": stats,
+        "made_from": json.dumps(identity, sort_keys=True),
+    }
+
+
+def is_penrun_checkpoint(path: str | Path) -> bool:
+    """A checkpoint written by penrun (not a bare state_dict)."""
+    ckpt = read_weights_only(path, "save the model's state_dict alone: torch.save(model.state_dict(), path)")
+    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def vmf_record(vmf: DictConfig, model: PenultimateModel | None) -> dict[str, Any]:
@@ -109,6 +189,14 @@ def check_fits_data(spec: dict[str, Any], data: ImageData, what: str, path: str 
         )
 
 
+# A network node's keys that only a library's networks read.
+LIBRARY_KEYS = ("source", "pretrained", "head_layer")
+# Keys that joined the schema after teachers were first cached, by the node of the identity they
+# sit in: left out while they hold their default (which trains as before), so the teachers cached
+# then stay found.
+ADDED_KEYS = {"data": ("root", "test_fraction", "skip_corrupt"), "trainer": ("precision",)}
+
+
 def teacher_identity(
     cfg: DictConfig,
     net_key: str = "teacher",
@@ -117,15 +205,21 @@ def teacher_identity(
 ) -> dict[str, Any]:
     """Everything that determines a cached classifier's weights: the config of the
     train_teacher run that makes it."""
-    return strip_runtime_keys(
-        {
-            "task": {"name": "train_teacher"},
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "teacher": OmegaConf.to_container(cfg[net_key], resolve=True),
-            "trainer": OmegaConf.to_container(cfg[trainer_key], resolve=True),
-            "seed": cfg[seed_key],
-        }
-    )
+    net = OmegaConf.to_container(cfg[net_key], resolve=True)
+    if net["source"] == "penrun":  # as before network sources: the teachers cached then stay found
+        net = {key: value for key, value in net.items() if key not in LIBRARY_KEYS}
+    identity = {
+        "task": {"name": "train_teacher"},
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "teacher": net,
+        "trainer": OmegaConf.to_container(cfg[trainer_key], resolve=True),
+        "seed": cfg[seed_key],
+    }
+    for node, keys in ADDED_KEYS.items():
+        for key in keys:
+            if identity[node].get(key) == IDENTITY_DEFAULTS[f"{node}.{key}"]:
+                del identity[node][key]
+    return strip_runtime_keys(identity)
 
 
 def obtain_classifier(
@@ -138,10 +232,18 @@ def obtain_classifier(
     seed_key: str = "teacher_seed",
     cache: str = "teachers",
 ) -> tuple[Classifier, dict[str, Any], Path]:
-    """Load `cfg[ckpt_key]`, or train (once) and cache a classifier for `cfg[net_key]` on `data`."""
+    """Load `cfg[ckpt_key]`, or train (once) and cache a classifier for `cfg[net_key]` on `data`.
+    A torchvision or timm network's state_dict, or (no checkpoint) the library's pretrained
+    weights, comes with the statistics computed once (`library_checkpoint`)."""
     path = cfg.get(ckpt_key)
-    if path is None:
+    net_cfg = cfg[net_key]
+    library = net_cfg.source != "penrun"
+    if path is None and library and net_cfg.pretrained:
+        path = library_checkpoint(cfg, data, trainer_settings(cfg), net_key=net_key, ckpt_key=ckpt_key)
+    elif path is None:
         path = _train_cached(cfg, data, net_key, trainer_key, seed_key, cache)
+    elif library and Path(path).expanduser().is_file() and not is_penrun_checkpoint(path):
+        path = library_checkpoint(cfg, data, trainer_settings(cfg), net_key=net_key, ckpt_key=ckpt_key)
     elif Path(path).is_dir():  # a run folder stands for its last checkpoint
         last = Path(path) / "checkpoints" / "last.pt"
         if not last.is_file():
@@ -150,7 +252,8 @@ def obtain_classifier(
                 "checkpoint file or a run folder"
             )
         path = last
-    model, ckpt = load_classifier(path)
+    with network_keys(net_key):
+        model, ckpt = load_classifier(path)
     check_fits_data(ckpt["classifier"], data, net_key, path)
     return model, ckpt, Path(path)
 
@@ -163,7 +266,7 @@ def _train_cached(
     path = (
         Path(cfg.paths.output_dir) / cache / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
     )
-    folder = RunFolder(path, identity)
+    folder = RunFolder(path, identity, IDENTITY_DEFAULTS)
     settings = trainer_settings(cfg, trainer_key)
     # Parallel jobs of a sweep that need the same classifier: one trains it, the others wait.
     with cache_lock(path):
@@ -178,7 +281,7 @@ def _train_cached(
             )
             train, validation = validation_split(cfg, data)
             spec = classifier_spec(cfg, net_key, train)
-            train_classifier(folder, spec, train, settings, seed=cfg[seed_key], validation=validation)
+            train_and_record(folder, spec, train, settings, seed=cfg[seed_key], validation=validation)
     distributed.barrier()
     return folder.last_path
 

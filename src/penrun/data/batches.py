@@ -1,25 +1,28 @@
 """Index batches and labelled subsets: which examples a step or a protocol sees, as a function
-of (seed, epoch) alone so that a resumed run sees the same ones."""
+of (seed, epoch) alone so that a resumed run sees the same ones; and the images of those index
+batches, read alike from memory or from disk."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
+from penrun.data.folder import FolderImages
+
 
 def labelled_subset(y: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
-    """Indices of `per_class` examples of each class, drawn reproducibly from the seed."""
+    """Indices of `per_class` examples of each class, drawn reproducibly from the seed; the
+    unlabeled examples (label -1: a flat image folder) count as one more class."""
     rng = torch.Generator().manual_seed(seed)
-    counts = torch.bincount(y, minlength=num_classes)
-    present = counts[counts > 0]  # an aligned set may lack a class (STL-10 has no frog)
-    if per_class > present.min():
+    groups = [torch.nonzero(y == k).flatten() for k in range(num_classes)] + [torch.nonzero(y < 0).flatten()]
+    picks = [group for group in groups if len(group)]  # an aligned set may lack a class (STL-10 has no frog)
+    rarest = min(len(group) for group in picks)
+    if per_class > rarest:
         raise ValueError(
-            f"per_class={per_class} asks for more examples per class than there are "
-            f"(the rarest class has {int(present.min())})"
+            f"per_class={per_class} asks for more examples per class than there are (the rarest class has {rarest})"
         )
-    picks = [torch.nonzero(y == k).flatten() for k in range(num_classes) if counts[k]]
     return torch.cat([p[torch.randperm(len(p), generator=rng)[:per_class]] for p in picks]).sort().values
 
 
@@ -58,3 +61,17 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
         return n // batch_size
     count = -(-n // batch_size)
     return count - 1 if count > 1 and n % batch_size == 1 else count
+
+
+def read_batches(
+    images: torch.Tensor | FolderImages, index_batches: Iterable[torch.Tensor]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices, uint8 images) of each index batch, in the order given: sliced from a tensor in
+    memory, or decoded from a folder by its DataLoader workers. The two give the same bytes, so
+    a loop that reads its batches here does not know (or care) which one it has."""
+    if isinstance(images, FolderImages):
+        index_batches = list(index_batches)
+        yield from zip(index_batches, images.batches(index_batches), strict=True)
+    else:
+        for idx in index_batches:
+            yield idx, images[idx]

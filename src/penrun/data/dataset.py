@@ -1,23 +1,35 @@
-"""A labelled image dataset held in memory as uint8 tensors."""
+"""An image dataset: uint8 images (in memory, or streamed from a folder) and int64 labels."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # for annotations only: data.folder builds ImageData
+    from penrun.data.folder import FolderImages
 
 
 @dataclass(frozen=True)
 class ImageData:
-    """A labelled image dataset in memory: uint8 (N, C, H, W) images, int64 labels."""
+    """An image dataset: uint8 (N, C, H, W) images, int64 labels (-1 throughout: unlabeled).
+    A split's images are a tensor in memory or `FolderImages` read from disk in batches
+    (`data.batches.read_batches` reads either); both index alike (`x[idx]`, `len(x)`, `x.shape`)."""
 
     name: str
-    x_train: torch.Tensor
+    x_train: torch.Tensor | FolderImages
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: torch.Tensor | FolderImages
     y_test: torch.Tensor
     num_classes: int
     source: str
+    # The classes' names, by label (from the folders of an image folder); () when unnamed.
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes > 0
 
     @property
     def channels(self) -> int:
@@ -29,9 +41,12 @@ class ImageData:
 
     def describe(self) -> str:
         c, h, w = self.x_train.shape[1:]
+        classes = f"{self.num_classes} classes" if self.labelled else "unlabeled"
+        if self.class_names:
+            classes += f" ({', '.join(self.class_names)})"
         return (
             f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, "
-            f"{c}x{h}x{w}, {self.num_classes} classes, from {self.source}"
+            f"{c}x{h}x{w}, {classes}, from {self.source}"
         )
 
 

@@ -9,7 +9,7 @@ import gzip
 import os
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,24 +93,58 @@ def _fashion_mnist(root: Path, download: bool) -> tuple[Arrays, str]:
     return _torchvision_split("FashionMNIST", _train_flag)(root, download)
 
 
+DIGIT_NAMES = tuple(str(k) for k in range(10))
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     load: Loader
     npz_names: tuple[str, ...]
-    num_classes: int = 10
+    # The classes' names by label (as torchvision's `classes`, SVHN's "10" read as "0"): an image
+    # folder's classes are matched to them by name.
+    class_names: tuple[str, ...] = DIGIT_NAMES
+    # A partial or lossy stand-in in the data folder, used only when neither the full set's npz
+    # nor torchvision's files are on disk (metrics.json names the file a run read).
+    fallback: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(_digits, ()),
     "mnist": DatasetSpec(_torchvision_split("MNIST", _train_flag), ("mnist.npz",)),
     "usps": DatasetSpec(_torchvision_split("USPS", _train_flag), ("usps.npz",)),
-    "fashion_mnist": DatasetSpec(_fashion_mnist, ("fashion_mnist.npz",)),
-    "svhn": DatasetSpec(_torchvision_split("SVHN", _split_name), ("svhn.npz",)),
-    # The shared offline copy of CIFAR-10 is a lossy JPEG subset; the full set needs download.
-    "cifar10": DatasetSpec(
-        _torchvision_split("CIFAR10", _train_flag), ("cifar10.npz", "cifar10_jpeg_subset.npz")
+    "fashion_mnist": DatasetSpec(
+        _fashion_mnist,
+        ("fashion_mnist.npz",),
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
     ),
-    "stl10": DatasetSpec(_torchvision_split("STL10", _split_name), ("stl10.npz",)),
+    "svhn": DatasetSpec(_torchvision_split("SVHN", _split_name), ("svhn.npz",)),
+    # The shared offline copy of CIFAR-10 is a lossy JPEG subset: the full set wins wherever it is.
+    "cifar10": DatasetSpec(
+        _torchvision_split("CIFAR10", _train_flag),
+        ("cifar10.npz",),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        fallback="cifar10_jpeg_subset.npz",
+    ),
+    "stl10": DatasetSpec(
+        _torchvision_split("STL10", _split_name),
+        ("stl10.npz",),
+        ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
+    ),
 }
 
 
@@ -141,7 +175,8 @@ def load_dataset(
             raise InputError(f"unknown dataset {name!r}; valid: {sorted([*DATASETS, 'npz'])}")
         arrays, source = _read_source(name, spec, data_dir, Path(cache_dir).expanduser(), download)
         num_classes = spec.num_classes
-    return _to_image_data(name, arrays, source, num_classes, image_size, channels)
+    data = _to_image_data(name, arrays, source, num_classes, image_size, channels)
+    return data if name == "npz" else replace(data, class_names=DATASETS[name].class_names)
 
 
 def _check_size_args(image_size: int | None, channels: int | None) -> None:
@@ -158,15 +193,19 @@ def _read_source(
     cache_dir: Path,
     download: bool,
 ) -> tuple[Arrays, str]:
-    if data_dir:
-        for npz_name in spec.npz_names:
-            candidate = Path(data_dir).expanduser() / npz_name
-            if candidate.exists():
-                return _read_npz(candidate), str(candidate)
+    folder = Path(data_dir).expanduser() if data_dir else None
+    for npz_name in spec.npz_names if folder else ():
+        if (folder / npz_name).exists():
+            return _read_npz(folder / npz_name), str(folder / npz_name)
+    if folder and spec.fallback and (folder / spec.fallback).exists():
+        try:  # the full set, if torchvision's files are already on disk
+            return spec.load(cache_dir / name, False)
+        except (RuntimeError, OSError):
+            return _read_npz(folder / spec.fallback), str(folder / spec.fallback)
     try:
         return spec.load(cache_dir / name, download)
     except (RuntimeError, OSError) as err:  # torchvision: missing files; urllib: no network
-        wanted = " or ".join(spec.npz_names)
+        wanted = " or ".join((*spec.npz_names, *filter(None, [spec.fallback])))
         raise InputError(
             f"dataset {name!r} is not available offline and could not be loaded "
             f"({type(err).__name__}: {err}). Put {wanted} (keys {', '.join(NPZ_KEYS)}) in the data "

@@ -1,12 +1,21 @@
-"""Networks: classifiers (teachers, students, evaluators) and generative models."""
+"""Networks: classifiers (teachers, students, evaluators) from penrun, torchvision or timm, and
+generative models."""
 
 from penrun.models.classifiers import (
     ARCHITECTURES,
     Classifier,
     CosineHead,
     LinearHead,
-    build_classifier,
 )
 from penrun.models.hooked import HookedClassifier
+from penrun.models.networks import SOURCES, build_classifier
 
-__all__ = ["ARCHITECTURES", "Classifier", "CosineHead", "HookedClassifier", "LinearHead", "build_classifier"]
+__all__ = [
+    "ARCHITECTURES",
+    "SOURCES",
+    "Classifier",
+    "CosineHead",
+    "HookedClassifier",
+    "LinearHead",
+    "build_classifier",
+]

@@ -3,6 +3,7 @@
 Every network is `body -> embed -> head`: `body` is an architecture's trunk, `embed` a linear
 layer with batch norm to `penultimate_dim` (no ReLU unless `feature_relu`: post-ReLU activations
 sit in the positive orthant, where a vMF model fits poorly), and `head` a cosine or linear layer.
+`models.networks.build_classifier` builds these and the networks of other libraries.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ ARCHITECTURES: dict[str, Callable[[int, int, float], tuple[nn.Module, int]]] = {
 HEADS = ("cosine", "linear")
 
 
-def build_classifier(
+def build_penrun_classifier(
     arch: str,
     *,
     channels: int,

@@ -12,16 +12,15 @@ from penrun.data import ImageData
 from penrun.models import Classifier, build_classifier
 from penrun.train import distributed
 from penrun.train.checkpoint import load_checkpoint
+from penrun.train.evaluation import accuracy, predict, test_accuracy
 from penrun.train.files import save_torch
 from penrun.train.loop import (
     TrainerSettings,
-    accuracy,
     device_batches,
     network_input,
+    on_device,
     optimize_epoch,
-    predict,
     stability,
-    test_accuracy,
     train_epochs,
     train_steps,
 )
@@ -38,7 +37,7 @@ def monitored(validation: Validation | None) -> str:
     return "val_acc" if validation is not None else "test_acc"
 
 
-def train_classifier(
+def train_and_record(
     folder: RunFolder,
     spec: dict[str, Any],
     data: ImageData,
@@ -49,7 +48,7 @@ def train_classifier(
     """Train (or resume), record the activation statistics, write the final metrics. With a
     validation set the epochs are scored on it (best.pt, selected_epoch) and the test split is
     evaluated once, at the end; without one, every epoch on the test split."""
-    model, history = fit_classifier(folder, spec, data, settings, seed, validation)
+    model, history = train_cross_entropy(folder, spec, data, settings, seed, validation)
     test_acc = test_accuracy(model, data, settings)  # last weights
     record_statistics(folder, model, data, settings)  # leaves best.pt's weights in `model`
     monitor = monitored(validation)
@@ -71,7 +70,7 @@ def train_classifier(
     return metrics
 
 
-def fit_classifier(
+def train_cross_entropy(
     folder: RunFolder,
     spec: dict[str, Any],
     data: ImageData,
@@ -83,7 +82,7 @@ def fit_classifier(
     without one); resumes from last.pt."""
     device = settings.device
     seed_everything(seed)
-    model = build_classifier(**spec).to(device)
+    model = on_device(build_classifier(**spec), settings)
     optimizer = build_optimizer(settings.optimizer, model.parameters(), settings.lr, settings.weight_decay)
     steps = train_steps(len(data.y_train), settings.batch_size)
     images = network_input(data.x_train, device)

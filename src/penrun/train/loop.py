@@ -1,4 +1,5 @@
-"""The epoch loop: batches on a device, optimizer steps, evaluation, checkpoints, resume."""
+"""The epoch loop: batches on a device, optimizer steps, checkpoints, resume. CUDA graphs are in
+`cuda_graphs.py`, evaluation in `evaluation.py`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -18,10 +19,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from penrun.data import ImageData, epoch_batches, normalize, num_batches
+from penrun.data import FolderImages, epoch_batches, normalize, num_batches, read_batches
 from penrun.errors import InputError
 from penrun.train import distributed
 from penrun.train.checkpoint import checkpoint_payload, restore_random_states
+from penrun.train.cuda_graphs import GraphedStep, Step, capturable
 from penrun.train.files import save_torch
 from penrun.train.optim import lr_factor, set_lr
 from penrun.train.run_folder import RunFolder
@@ -44,6 +46,31 @@ class TrainerSettings:
     num_threads: int | None
     progress: bool
     cuda_graphs: bool = False
+    precision: str = "32"
+    channels_last: bool = False
+
+
+# Lightning's names: "32" float32 throughout; "bf16" ("bf16-mixed" there) float32 weights and
+# optimizer state, the forward passes under bfloat16 autocast.
+PRECISIONS = ("32", "bf16")
+
+
+def forward_precision(settings: TrainerSettings) -> AbstractContextManager:
+    """Where a training step's forward passes and losses run: under "bf16", autocast computes
+    the ops it lists (matrix products, convolutions) in bfloat16 and keeps the rest (losses,
+    softmax, norms) in float32; under "32" nothing changes. Evaluation (`evaluation.predict`)
+    and the recorded activation statistics stay float32 either way."""
+    if settings.precision == "bf16":
+        return torch.autocast(settings.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def on_device(module: nn.Module, settings: TrainerSettings) -> nn.Module:
+    """A network moved to the training device; with `channels_last` its 4-d weights in the
+    channels-last (NHWC) layout, which its convolutions then also give their outputs in (the
+    input converts at the first one). Networks without 4-d weights are unchanged by it."""
+    layout = torch.channels_last if settings.channels_last else torch.preserve_format
+    return module.to(settings.device, memory_format=layout)
 
 
 # ---------------------------------------------------------------- batches on a device
@@ -67,10 +94,13 @@ def train_steps(n: int, batch_size: int, drop_last: bool = False) -> int:
     return num_batches(n, batch_size, drop_last or distributed.is_distributed())
 
 
-def network_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def network_input(x: torch.Tensor | FolderImages, device: torch.device) -> torch.Tensor | FolderImages:
     """Images on `device` as a network takes them: uint8 normalized to float, float as given.
     Tasks convert their image sets once per run, so that no step or evaluation converts or
-    copies the same images again (slicing a converted set returns the same numbers)."""
+    copies the same images again (slicing a converted set returns the same numbers). A split
+    streamed from a folder stays on disk: each batch read from it is converted here."""
+    if isinstance(x, FolderImages):
+        return x
     x = x.to(device, non_blocking=True)
     return x if x.is_floating_point() else normalize(x)
 
@@ -91,119 +121,81 @@ def device_batches(
     shard of every global batch of `batch_size` and the last partial batch is dropped, so that
     all ranks step on equal shards."""
     drop_last = drop_last or distributed.is_distributed()
-    for idx in epoch_batches(
-        len(y), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last
-    ):
-        idx = distributed.shard(idx)
-        yield network_input(x[idx], device), y[idx].to(device, non_blocking=True)
+    order = epoch_batches(len(y), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+    for idx, images in read_batches(x, map(distributed.shard, order)):  # in memory or streamed alike
+        yield network_input(images, device), y[idx].to(device, non_blocking=True)
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def optimize_epoch(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     optimizer: torch.optim.Optimizer,
-    loss_fn: StepFn,
+    loss_fn: LossFn,
     settings: TrainerSettings,
     epoch: int,
 ) -> dict[str, float]:
-    """One epoch of optimizer steps with a per-step learning-rate schedule; returns the mean
-    of the loss and of every logged term as train_<name>, and the epoch's wall time."""
+    """One epoch of one optimizer minimizing `loss_fn` (a loss and logged terms of a batch),
+    each step eager or replayed from a CUDA graph (`settings.cuda_graphs`); the epoch's row
+    as `run_epoch` gives it, with train_loss first."""
+    step: Step = partial(eager_step, optimizer, loss_fn)
+    with ExitStack() as stack:
+        if settings.cuda_graphs:
+            stack.enter_context(capturable(optimizer, settings.device))
+            step = GraphedStep(step)
+        return run_epoch(batches, steps, [optimizer], step, settings, epoch)
+
+
+def eager_step(
+    optimizer: torch.optim.Optimizer, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step on `loss_fn`'s loss; logs the loss first, then its terms."""
+    loss, logs = loss_fn(x, y)
+    descend(optimizer, loss)
+    return loss, {"loss": loss.detach(), **logs}
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One update of `optimizer` down the gradient of `loss` alone (earlier gradients dropped),
+    outside the forward pass's autocast: each backward op runs in its forward op's precision."""
+    with torch.autocast(loss.device.type, enabled=False):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def run_epoch(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    optimizers: Sequence[torch.optim.Optimizer],
+    step: Step,
+    settings: TrainerSettings,
+    epoch: int,
+) -> dict[str, float]:
+    """One epoch of `step` on every batch, after the per-step learning-rate schedule is set on
+    every one of `optimizers` (the ones `step` updates). `step` returns the loss whose
+    non-finite values stop the run and the terms to log; the epoch's row is each logged term's
+    mean as train_<name>, and its wall time."""
     start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
     bar = progress(
         batches, total=steps, desc=f"epoch {epoch}/{settings.max_epochs}", enabled=settings.progress
     )
     shown = not getattr(bar, "disable", True)  # reading the loss waits for the device: only for a bar
-    with ExitStack() as stack:
-        if settings.cuda_graphs:
-            stack.enter_context(capturable(optimizer, settings.device))
-            step_fn: StepFn = GraphedStep(optimizer, loss_fn)
-        else:
-            step_fn = partial(eager_step, optimizer, loss_fn)
-        for step, (x, y) in enumerate(bar):
-            position = (epoch - 1 + step / steps) / settings.max_epochs
+    for i, (x, y) in enumerate(bar):
+        position = (epoch - 1 + i / steps) / settings.max_epochs
+        for optimizer in optimizers:
             set_lr(optimizer, settings.lr * lr_factor(settings.schedule, position))
-            loss, logs = step_fn(x, y)
-            watch.update(loss, step)
-            if shown and step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
-            for name, value in {"loss": loss.detach(), **logs}.items():
-                sums[name] = sums.get(name, 0.0) + value
+        with forward_precision(settings):
+            loss, logs = step(x, y)
+        watch.update(loss, i)
+        if shown and i % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+        for name, value in logs.items():
+            sums[name] = sums.get(name, 0.0) + value
     watch.check(epoch)
     return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
-
-
-def eager_step(
-    optimizer: torch.optim.Optimizer, loss_fn: StepFn, x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss, logs = loss_fn(x, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss, logs
-
-
-class GraphedStep:
-    """Optimizer steps (forward, backward, update) replayed from one CUDA graph per epoch
-    (`trainer.cuda_graphs`): a small network's step is a hundred tiny kernels, which Python
-    launches one by one far slower than the GPU runs them; a replay launches them at once.
-    The first WARMUP steps run eagerly on a side stream (lazy initialization must not happen
-    during capture); a batch of another shape (the epoch's last, partial one) runs eagerly."""
-
-    WARMUP = 3
-
-    def __init__(self, optimizer: torch.optim.Optimizer, loss_fn: StepFn):
-        self.optimizer, self.loss_fn = optimizer, loss_fn
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager_steps = 0
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.graph is not None and x.shape == self.static_x.shape and y.shape == self.static_y.shape:
-            self.static_x.copy_(x)
-            self.static_y.copy_(y)
-            self.graph.replay()
-            return self.outputs
-        if self.graph is None and self.eager_steps >= self.WARMUP:
-            return self.capture(x, y)
-        self.graph = None  # a partial batch ends the epoch's replays
-        self.eager_steps += 1
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            outputs = eager_step(self.optimizer, self.loss_fn, x, y)
-        torch.cuda.current_stream().wait_stream(side)
-        return outputs
-
-    def capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.static_x, self.static_y = x.clone(), y.clone()
-        self.optimizer.zero_grad(set_to_none=True)  # the graph allocates (and owns) the gradients
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            loss, logs = self.loss_fn(self.static_x, self.static_y)
-            loss.backward()
-            self.optimizer.step()
-        self.outputs = (loss, logs)
-        self.graph.replay()  # capturing records the step without running it
-        return self.outputs
-
-
-@contextmanager
-def capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> Iterator[None]:
-    """Adam(W) in its capturable form for one epoch: the learning rate a device tensor that the
-    schedule fills in place, step counters on the device. Restored afterwards, so that
-    checkpoints hold the ordinary form and resume anywhere."""
-    for group in optimizer.param_groups:
-        group["capturable"], group["lr"] = True, torch.tensor(float(group["lr"]), device=device)
-    for state in optimizer.state.values():
-        if "step" in state:
-            state["step"] = state["step"].to(device, torch.float32)
-    try:
-        yield
-    finally:
-        for group in optimizer.param_groups:
-            group["capturable"], group["lr"] = False, float(group["lr"])
 
 
 class TrainingDiverged(RuntimeError):
@@ -249,38 +241,6 @@ def epoch_means(sums: dict[str, torch.Tensor | float], steps: int) -> dict[str, 
         torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums.values()]) / steps
     )
     return {f"train_{name}": float(value) for name, value in zip(sums, means, strict=True)}
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate activations and logits of a classifier, on the CPU, for images given by
-    `network_input` or uint8 ones. Under torchrun each rank computes a contiguous chunk and
-    every rank gets all of them."""
-    was_training = model.training
-    model.eval()
-    local, sizes = distributed.local_chunk(x)
-    feats, logits = [], []
-    for idx in epoch_batches(len(local), batch_size, shuffle=False):
-        h = model.features(network_input(local[idx], device))
-        feats.append(h)
-        logits.append(model.head(h))
-    model.train(was_training)
-    return (
-        distributed.gather_chunks(torch.cat(feats), sizes).cpu(),
-        distributed.gather_chunks(torch.cat(logits), sizes).cpu(),
-    )
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).float().mean().item()
-
-
-def test_accuracy(model: nn.Module, data: ImageData, settings: TrainerSettings) -> float:
-    """A classifier's accuracy on the test split of `data`."""
-    _, logits = predict(model, data.x_test, settings.eval_batch_size, settings.device)
-    return accuracy(logits, data.y_test)
 
 
 def train_epochs(

@@ -32,13 +32,26 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_difference(old: dict, new: dict) -> list[str]:
-    a, b = flatten(old), flatten(new)
+def config_difference(old: dict, new: dict, defaults: dict[str, Any] | None = None) -> list[str]:
+    """The keys whose values differ, as `key: old -> new`. `defaults` (dotted key: value) says
+    what a config that lacks a key of a node it has meant: a key added to the config after a
+    run was stored holds its default there, and is no difference."""
+    a, b = complete(flatten(old), defaults or {}), complete(flatten(new), defaults or {})
     return [
         f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
         for k in sorted(a.keys() | b.keys())
         if a.get(k) != b.get(k)
     ]
+
+
+def complete(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A flat config with the defaults of the keys it lacks: top-level keys, and keys of the
+    nodes it has (a node it lacks, such as another task's, stays absent)."""
+    nodes = {key.partition(".")[0] for key in flat}
+    missing = {
+        k: v for k, v in defaults.items() if k not in flat and (k.partition(".")[0] in nodes or "." not in k)
+    }
+    return {**flat, **missing}
 
 
 class FolderRefused(InputError):
@@ -49,9 +62,12 @@ class RunFolder:
     """A run folder: metrics.json, checkpoints/, tensorboard/. Knows whether the run is
     finished (reuse it), interrupted (resume from last.pt) or new."""
 
-    def __init__(self, directory: str | os.PathLike, config: dict[str, Any]):
+    def __init__(
+        self, directory: str | os.PathLike, config: dict[str, Any], defaults: dict[str, Any] | None = None
+    ):
         self.dir = Path(directory)
         self.config = config
+        self.defaults = defaults  # of keys a stored config may lack (config_difference)
         self.metrics_path = self.dir / "metrics.json"
         self.last_path = self.dir / "checkpoints" / "last.pt"
         self.best_path = self.dir / "checkpoints" / "best.pt"
@@ -110,7 +126,7 @@ class RunFolder:
     def check_same_config(self, old: dict | None, where: Path) -> None:
         if old is None:
             return
-        diff = config_difference(old, self.config)
+        diff = config_difference(old, self.config, self.defaults)
         if diff:
             raise FolderRefused(
                 f"run folder {self.dir} holds a run of a different config ({where.name} differs in "

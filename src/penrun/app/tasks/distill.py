@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,21 +33,22 @@ from penrun.core.losses import (
 )
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import ImageData, align_classes, convert_images, labelled_subset, shift_images
+from penrun.data.corruptions import corrupt_images
 from penrun.models import Classifier, build_classifier
 from penrun.train import distributed
+from penrun.train.evaluation import accuracy, predict, test_accuracy
 from penrun.train.loop import (
     TrainerSettings,
-    accuracy,
     device_batches,
     network_input,
+    on_device,
     optimize_epoch,
-    predict,
     stability,
-    test_accuracy,
     train_epochs,
     train_steps,
 )
 from penrun.train.optim import build_optimizer
+from penrun.train.run_folder import RunFolder
 from penrun.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -63,65 +65,72 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = load_data(cfg)
     transfer = transfer_data(cfg, source)
     student_spec = classifier_spec(cfg, "student", source)
-    pool, validation = hold_out_validation(transfer, options.val_per_class)
-    x_train, y_train = transfer_training_set(pool, labels, cfg.seed)
-    if cfg.teacher_ckpt is None:  # the teacher is trained here: check before training it
+    # An unlabeled transfer set (a flat folder) has no classes to balance: it holds out as many
+    # images as a labelled one of the teacher's classes would.
+    val_count = options.val_per_class * (1 if transfer.labelled else source.num_classes)
+    examples = student_examples(transfer, labels, val_count, cfg.seed)
+    if cfg.teacher_ckpt is None and cfg.teacher.source == "penrun":  # trained here: check before
         check_student(weights, student_spec, cfg.teacher.penultimate_dim)
     teacher, ckpt, teacher_path = obtain_classifier(cfg, source)
     check_student(weights, student_spec, teacher.penultimate_dim)
     seed_everything(cfg.seed)
     teacher.to(settings.device)
     model = penultimate_model(teacher, ckpt, teacher_path, cfg.vmf)
-    generator = torch.Generator(settings.device).manual_seed(cfg.seed)
-    shared = DistillSetup(
-        teacher=teacher,
-        model=model,
-        tau=float(options.tau),
-        similarity=class_similarity(teacher.head.effective_weight().detach()),
-        dirichlet_beta=float(options.dirichlet_beta),
-        smooth_epsilon=smoothing_for(model, teacher, float(options.tau), generator)
-        if weights["smooth"] > 0
-        else 0.0,
-        synthetic_batch=settings.batch_size // distributed.world_size(),
-        generator=generator,
-    )
-    if distributed.rank():  # each rank draws its own synthetic activations; rank 0 as one process
-        generator.manual_seed(distributed.rank_seed(cfg.seed))
-    teacher_accs = {
-        "teacher_source_acc": test_accuracy(teacher, source, settings),
-        "teacher_transfer_acc": test_accuracy(teacher, transfer, settings),
-    }
-    log.info(
-        f"teacher {teacher_path}: source {teacher_accs['teacher_source_acc']:.4f}, transfer {teacher_accs['teacher_transfer_acc']:.4f}"
-    )
+    shared = distill_setup(options, weights, teacher, model, settings, cfg.seed)
+    teacher_accs = {"teacher_source_acc": test_accuracy(teacher, source, settings)}
+    if transfer.labelled:  # a flat folder of images has no labels to score against
+        teacher_accs["teacher_transfer_acc"] = test_accuracy(teacher, transfer, settings)
+    log.info(f"teacher {teacher_path}: " + ", ".join(f"{k[8:]} {v:.4f}" for k, v in teacher_accs.items()))
     protocol = Protocol(source, transfer, labelled=labels is not None)
     student, history = train_student(
-        folder,
-        student_spec,
-        shared,
-        weights,
-        (x_train, y_train if labels is not None else None),
-        validation,
-        protocol,
-        settings,
-        cfg.seed,
+        folder, student_spec, shared, weights, examples, protocol, settings, cfg.seed
     )
-    final = {f"{protocol.other_domain}_acc": test_accuracy(student, protocol.other_data, settings)}
-    metrics = final_metrics(
-        history,
-        final,
-        protocol,
-        teacher_accs,
-        weights,
-        options,
-        len(y_train),
-        len(validation[1]),
-        teacher_path,
-    ) | vmf_record(cfg.vmf, model if any(weights[name] > 0 for name in VMF_LOSSES) else None)
+    outcome = Outcome(
+        protocol=protocol,
+        weights=weights,
+        labels=options.labels,
+        train_size=len(examples.x_train),
+        val_size=len(examples.x_val),
+        teacher_path=teacher_path,
+        teacher_accs=teacher_accs,
+        history=history,
+        other_domain_acc=(
+            test_accuracy(student, protocol.other_data, settings) if protocol.other_data.labelled else None
+        ),
+    )
+    used_vmf = any(weights[name] > 0 for name in VMF_LOSSES)
+    metrics = final_metrics(outcome) | vmf_record(cfg.vmf, model if used_vmf else None)
     folder.write_metrics(metrics, status="complete")
     folder.close()
     log.info(summary(metrics))
     return metrics
+
+
+def distill_setup(
+    options: DictConfig,
+    weights: dict[str, float],
+    teacher: Classifier,
+    model: PenultimateModel,
+    settings: TrainerSettings,
+    seed: int,
+) -> DistillSetup:
+    """What the loss terms share, from the `distill` options: tau, the Dirichlet's beta, and
+    the label smoothing matched to the synthetic targets (when the smooth term is on)."""
+    generator = torch.Generator(settings.device).manual_seed(seed)
+    tau = float(options.tau)
+    shared = DistillSetup(
+        teacher=teacher,
+        model=model,
+        tau=tau,
+        similarity=class_similarity(teacher.head.effective_weight().detach()),
+        dirichlet_beta=float(options.dirichlet_beta),
+        smooth_epsilon=smoothing_for(model, teacher, tau, generator) if weights["smooth"] > 0 else 0.0,
+        synthetic_batch=settings.batch_size // distributed.world_size(),
+        generator=generator,
+    )
+    if distributed.rank():  # each rank draws its own synthetic activations; rank 0 as one process
+        generator.manual_seed(distributed.rank_seed(seed))
+    return shared
 
 
 # ---------------------------------------------------------------- checks before training
@@ -168,9 +177,19 @@ def check_student(weights: dict[str, float], student_spec: dict[str, Any], teach
 def transfer_data(cfg: DictConfig, source: ImageData) -> ImageData:
     """The transfer set at the source's size and channels (what the teacher takes), shifted
     if asked; its labels must be among the teacher's classes."""
-    transfer = align_classes(load_data(cfg, "transfer"), source.name)
+    transfer = align_classes(load_data(cfg, "transfer", like=source), source.name)
+    if not transfer.labelled and labels_option(cfg.distill.labels) is not None:
+        raise ConfigError(
+            f"distill.labels={cfg.distill.labels!r}: {transfer.name} is unlabeled; use distill.labels=none"
+        )
     transfer = convert_images(transfer, source.image_size, source.channels)
-    if cfg.transfer.shift != "none":
+    if cfg.transfer.shift == "corruption":  # computed once, cached beside the teachers
+        with config_keys(corruption="transfer.corruption", severity="transfer.severity"):
+            cache = f"{cfg.paths.output_dir}/corruptions"
+            transfer = corrupt_images(
+                transfer, cfg.transfer.corruption, cfg.transfer.severity, cfg.seed, cache
+            )
+    elif cfg.transfer.shift != "none":
         with config_keys(shift="transfer.shift", strength="transfer.shift_strength"):
             transfer = shift_images(transfer, cfg.transfer.shift, cfg.transfer.shift_strength, seed=cfg.seed)
     top = int(max(transfer.y_train.max(), transfer.y_test.max()))
@@ -185,6 +204,9 @@ def transfer_data(cfg: DictConfig, source: ImageData) -> ImageData:
 # The terms that draw from the vMF (smooth matches its label smoothing to the synthetic targets).
 VMF_LOSSES = ("synthetic_targets", "synthetic_head", "smooth")
 
+# The two domains a student is scored on.
+DOMAINS = ("source", "transfer")
+
 # Every run on a transfer set validates on the same held-out examples, whatever its seed.
 VALIDATION_SEED = 0
 
@@ -194,8 +216,8 @@ def hold_out_validation(
 ) -> tuple[ImageData, tuple[torch.Tensor, torch.Tensor]]:
     """`per_class` examples of each class held out of the transfer training split (the pool the
     student's examples and labels are drawn from): the validation set that chooses the epoch.
-    The labelled protocol scores accuracy on it, the unlabeled one agreement with the teacher
-    (its labels unused)."""
+    The same examples for every run and seed (docs/method.md, 5.4): the only transfer training
+    labels the unlabeled protocol reads are those that balance this fixed set's classes."""
     with config_keys(per_class="distill.val_per_class"):
         held = labelled_subset(transfer.y_train, per_class, transfer.num_classes, VALIDATION_SEED)
     kept = torch.ones(len(transfer.y_train), dtype=torch.bool)
@@ -212,6 +234,30 @@ def transfer_training_set(
             idx = labelled_subset(transfer.y_train, labels, transfer.num_classes, seed)
         return transfer.x_train[idx], transfer.y_train[idx]
     return transfer.x_train, transfer.y_train
+
+
+@dataclass(frozen=True)
+class StudentExamples:
+    """The transfer images a student trains on and the held-out ones that choose its epoch,
+    with their labels in the labelled protocol; without labels (None) the unlabeled protocol
+    cannot read them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_val: torch.Tensor
+    y_val: torch.Tensor | None
+
+
+def student_examples(
+    transfer: ImageData, labels: int | str | None, val_per_class: int, seed: int
+) -> StudentExamples:
+    """`val_per_class` held-out examples of each class (the same for every seed), and the
+    training examples from the rest: all of them, or `labels` per class drawn with the seed."""
+    pool, (x_val, y_val) = hold_out_validation(transfer, val_per_class)
+    x_train, y_train = transfer_training_set(pool, labels, seed)
+    if labels is None:
+        return StudentExamples(x_train, None, x_val, None)
+    return StudentExamples(x_train, y_train, x_val, y_val)
 
 
 def smoothing_for(
@@ -277,23 +323,23 @@ def teacher_outputs(
 
 
 def train_student(
-    run,
+    folder: RunFolder,
     student_spec: dict[str, Any],
     shared: DistillSetup,
     weights: dict[str, float],
-    train_set: tuple[torch.Tensor, torch.Tensor | None],
-    validation: tuple[torch.Tensor, torch.Tensor],
+    examples: StudentExamples,
     protocol: Protocol,
     settings: TrainerSettings,
     seed: int,
 ) -> tuple[Classifier, list[dict[str, Any]]]:
-    x_train, y_train = train_set
+    """Train a student in `folder` (resuming from its last.pt): the epochs' history, and the
+    student of the last epoch."""
     device = settings.device
-    student = build_classifier(**student_spec).to(device)
+    student = on_device(build_classifier(**student_spec), settings)
     optimizer = build_optimizer(settings.optimizer, student.parameters(), settings.lr, settings.weight_decay)
-    steps = train_steps(len(x_train), settings.batch_size)
-    images, index = network_input(x_train, device), torch.arange(len(x_train))
-    labels = y_train.to(device) if y_train is not None else None
+    steps = train_steps(len(examples.x_train), settings.batch_size)
+    images, index = network_input(examples.x_train, device), torch.arange(len(examples.x_train))
+    labels = examples.y_train.to(device) if examples.y_train is not None else None
     cached = (
         teacher_outputs(shared.teacher, images, settings)
         if reads_teacher_images(weights, labels is not None)
@@ -318,10 +364,10 @@ def train_student(
     test_set = protocol.test_data
     test_images = network_input(test_set.x_test, device)
 
-    val_images = network_input(validation[0], device)
+    val_images = network_input(examples.x_val, device)
     val_targets = (
-        validation[1]
-        if protocol.labelled
+        examples.y_val
+        if examples.y_val is not None
         else predict(shared.teacher, val_images, settings.eval_batch_size, device)[1].argmax(1)
     )
 
@@ -334,7 +380,7 @@ def train_student(
         }
 
     history = train_epochs(
-        run,
+        folder,
         modules={"model": student},
         optimizers={"optimizer": optimizer},
         max_epochs=settings.max_epochs,
@@ -347,39 +393,72 @@ def train_student(
     return student, history
 
 
-def final_metrics(
-    history, final, protocol, teacher_accs, weights, options, n_train, val_size, teacher_path
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Outcome:
+    """What a distill run measured, for its metrics.json."""
+
+    protocol: Protocol
+    weights: dict[str, float]
+    labels: Any  # the `distill.labels` option as given: none, all or N
+    train_size: int  # the student's transfer training examples
+    val_size: int  # the held-out transfer examples that choose the epoch
+    teacher_path: Path
+    teacher_accs: dict[str, float]  # teacher_source_acc, teacher_transfer_acc
+    history: list[dict[str, Any]]
+    # the last student's accuracy on the other domain's test set (None: an unlabeled one)
+    other_domain_acc: float | None
+
+
+def selected_epoch(history: list[dict[str, Any]], val_metric: str) -> int:
+    """The index of the epoch with the best validation score (the first of equals, as best.pt
+    keeps it); never chosen on a test set."""
+    scores = [row[val_metric] for row in history]
+    return scores.index(max(scores))
+
+
+def final_metrics(outcome: Outcome) -> dict[str, Any]:
+    protocol, history, weights = outcome.protocol, outcome.history, outcome.weights
     curve = [row[protocol.metric] for row in history]
-    scores = [row[protocol.val_metric] for row in history]
-    selected = scores.index(max(scores))
+    selected = selected_epoch(history, protocol.val_metric)
     return {
         "task": "distill",
         "source": protocol.source.name,
         "transfer": protocol.transfer.name,
+        # Where the images came from (e.g. the lossy CIFAR-10 subset or the full set): tables say which.
+        "source_data": protocol.source.source,
+        "transfer_data": protocol.transfer.source,
         "method": "+".join(k for k, v in weights.items() if v > 0),
-        "labels": options.labels,
-        "transfer_train_size": n_train,
+        "labels": outcome.labels,
+        "transfer_train_size": outcome.train_size,
         "losses": {k: v for k, v in weights.items() if v > 0},
         protocol.metric: curve[-1],
-        **final,
+        **(
+            {}
+            if outcome.other_domain_acc is None
+            else {f"{protocol.other_domain}_acc": outcome.other_domain_acc}
+        ),
         # The epoch with the best validation score, and its test accuracy.
         "selected_epoch": selected + 1,
         f"selected_{protocol.metric}": curve[selected],
-        f"best_{protocol.val_metric}": scores[selected],
-        "val_size": val_size,
+        f"best_{protocol.val_metric}": history[selected][protocol.val_metric],
+        "val_size": outcome.val_size,
         "stability": {protocol.domain: stability(curve)},
-        **teacher_accs,
-        "teacher_ckpt": str(teacher_path),
+        **outcome.teacher_accs,
+        "teacher_ckpt": str(outcome.teacher_path),
         "history": history,
     }
+
+
+def accuracies(m: dict[str, Any], prefix: str = "") -> str:
+    """The source and transfer accuracies a run has (an unlabeled transfer set has none)."""
+    return "  ".join(f"{d}_acc {m[f'{prefix}{d}_acc']:.4f}" for d in DOMAINS if f"{prefix}{d}_acc" in m)
 
 
 def summary(m: dict[str, Any]) -> str:
     return (
         f"{m['source']} -> {m['transfer']}, losses {m['losses']}, labels {m['labels']}\n"
-        f"teacher: source_acc {m['teacher_source_acc']:.4f}  transfer_acc {m['teacher_transfer_acc']:.4f}\n"
-        f"student: source_acc {m['source_acc']:.4f}  transfer_acc {m['transfer_acc']:.4f}  "
+        f"teacher: {accuracies(m, 'teacher_')}\n"
+        f"student: {accuracies(m)}  "
         f"(at the best validation epoch {m['selected_epoch']}: "
         f"{', '.join(f'{k} {v:.4f}' for k, v in m.items() if k.startswith('selected_') and k != 'selected_epoch')})"
     )

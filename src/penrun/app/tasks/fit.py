@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from penrun.app.config import load_data, start_task
-from penrun.app.teachers import external_teacher, obtain_classifier, penultimate_model
+from penrun.app.teachers import obtain_classifier, penultimate_model
 from penrun.core.diagnostics import (
     class_cosines,
     ks_distance,
@@ -26,7 +26,7 @@ from penrun.core.diagnostics import (
 )
 from penrun.core.penultimate import PenultimateModel, fit_kappa_from_activations
 from penrun.models import Classifier
-from penrun.train.loop import accuracy, predict
+from penrun.train.evaluation import accuracy, predict
 from penrun.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if done is not None:
         return done
     data = load_data(cfg)
-    if cfg.teacher_torchvision:
-        teacher, ckpt, path = external_teacher(cfg, data, settings)
-    else:
-        teacher, ckpt, path = obtain_classifier(cfg, data)
+    teacher, ckpt, path = obtain_classifier(cfg, data)
     model = penultimate_model(teacher, ckpt, path, cfg.vmf)
     teacher.to(settings.device)
     log.info(f"fit: the teacher's activations of {len(data.y_test)} test images")

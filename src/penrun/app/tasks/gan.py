@@ -6,7 +6,6 @@ G(z, c), c), which asks the generated image to carry the condition the teacher s
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,12 +15,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from penrun.app.errors import ConfigError
-from penrun.app.tasks.conditional_generation import GenerationSetup, Generative, run_generation
+from penrun.app.generation import GenerationSetup, Generative, run_generation
 from penrun.models import Classifier
 from penrun.models.generative import Generator, ProjectionDiscriminator, hinge_d_loss, hinge_g_loss
 from penrun.train import distributed
-from penrun.train.loop import NonFiniteWatch, device_batches, epoch_means, progress, train_steps
-from penrun.train.optim import lr_factor, set_lr
+from penrun.train.loop import descend, device_batches, on_device, run_epoch, train_steps
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -64,8 +62,10 @@ def consistency_loss(teacher: Classifier, fake: torch.Tensor, c: torch.Tensor) -
 def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
     settings, data, device = setup.settings, setup.data, setup.settings.device
     z_dim, width, weight = cfg.gen.z_dim, cfg.gen.width, float(cfg.gan.consistency)
-    gen = Generator(data.channels, data.image_size, setup.sampler.dim, z_dim, width).to(device)
-    disc = ProjectionDiscriminator(data.channels, data.image_size, setup.sampler.dim, width).to(device)
+    gen = on_device(Generator(data.channels, data.image_size, setup.sampler.dim, z_dim, width), settings)
+    disc = on_device(
+        ProjectionDiscriminator(data.channels, data.image_size, setup.sampler.dim, width), settings
+    )
     opts = {
         name: torch.optim.Adam(
             net.parameters(),
@@ -84,12 +84,10 @@ def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
         disc, lambda x, fake, c: hinge_d_loss(disc(x, c), disc(fake, c))
     )
 
-    def step(x: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fake = parallel_gen(torch.randn(len(x), z_dim, device=device), c)
         d_loss = parallel_d_loss(x, fake.detach(), c)
-        opts["discriminator"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        opts["discriminator"].step()
+        descend(opts["discriminator"], d_loss)
         # G's loss needs D's input gradients only: its weight gradients (and the spectral norm's
         # backward) would be computed, then discarded by the next D step.
         with frozen(disc):
@@ -99,13 +97,10 @@ def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
             consistency = consistency_loss(setup.teacher, fake, c)
             g_loss = g_loss + weight * consistency
             logs["consistency"] = consistency.detach()
-        opts["generator"].zero_grad(set_to_none=True)
-        g_loss.backward()
-        opts["generator"].step()
-        return logs
+        descend(opts["generator"], g_loss)
+        return logs["d_loss"] + logs["g_loss"], logs
 
     def train_epoch(epoch: int) -> dict[str, float]:
-        start, sums, watch = time.perf_counter(), {}, NonFiniteWatch()
         batches = device_batches(
             setup.images,
             setup.conditions,
@@ -116,18 +111,6 @@ def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
             epoch=epoch,
             drop_last=True,
         )
-        bar = progress(
-            batches, total=steps, desc=f"epoch {epoch}/{settings.max_epochs}", enabled=settings.progress
-        )
-        for i, (x, c) in enumerate(bar):
-            position = (epoch - 1 + i / steps) / settings.max_epochs
-            for opt in opts.values():
-                set_lr(opt, settings.lr * lr_factor(settings.schedule, position))
-            logs = step(x, c)
-            watch.update(logs["d_loss"] + logs["g_loss"], i)
-            for name, value in logs.items():
-                sums[name] = sums.get(name, 0.0) + value
-        watch.check(epoch)
-        return {**epoch_means(sums, steps), "epoch_time": time.perf_counter() - start}
+        return run_epoch(batches, steps, list(opts.values()), step, settings, epoch)
 
     return Generative({"generator": gen, "discriminator": disc}, opts, train_epoch, gen, z_dim)

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from penrun.app.config import classifier_spec, load_data, start_task, validation_split
-from penrun.train.classifier import train_classifier
+from penrun.train.classifier import train_and_record
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data, validation = validation_split(cfg, load_data(cfg))
     log.info(f"{data.describe()}; {0 if validation is None else len(validation[1])} held out for validation")
     spec = classifier_spec(cfg, "teacher", data)
-    metrics = train_classifier(folder, spec, data, settings, seed=cfg.seed, validation=validation)
+    metrics = train_and_record(folder, spec, data, settings, seed=cfg.seed, validation=validation)
     log.info(
         f"teacher {cfg.teacher.arch}: test_acc {metrics['test_acc']:.4f} (last epoch; best "
         f"{'validation' if validation else 'test'} epoch {metrics['selected_epoch']}) -> {folder.dir}"

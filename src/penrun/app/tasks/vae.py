@@ -8,10 +8,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from penrun.app.tasks.conditional_generation import GenerationSetup, Generative, run_generation
+from penrun.app.generation import GenerationSetup, Generative, run_generation
 from penrun.models.generative import ConditionalVAE
 from penrun.train import distributed
-from penrun.train.loop import device_batches, optimize_epoch, train_steps
+from penrun.train.loop import device_batches, on_device, optimize_epoch, train_steps
 from penrun.train.optim import build_optimizer
 
 
@@ -26,9 +26,8 @@ def kl_weight(epoch: int, warmup_epochs: int) -> float:
 
 def build(cfg: DictConfig, setup: GenerationSetup) -> Generative:
     settings, data = setup.settings, setup.data
-    net = ConditionalVAE(data.channels, data.image_size, setup.sampler.dim, cfg.gen.z_dim, cfg.gen.width).to(
-        settings.device
-    )
+    vae = ConditionalVAE(data.channels, data.image_size, setup.sampler.dim, cfg.gen.z_dim, cfg.gen.width)
+    net = on_device(vae, settings)
     optimizer = build_optimizer(settings.optimizer, net.parameters(), settings.lr, settings.weight_decay)
     # drop_last: a batch of one would break batch norm.
     steps = train_steps(len(data.y_train), settings.batch_size, drop_last=True)

@@ -3,7 +3,7 @@ per seed) stepped one after another, against the same S networks stacked and ste
 vectorized model (torch.func.stack_module_state + functional_call + vmap, one Adam over the
 stacked parameters), each seed on its own batches of MNIST.
 
-    PENRUN_DATA_DIR=../shared/data python scripts/bench_vmap.py --seeds 5 --steps 100 --threads 2
+    PENRUN_DATA_DIR=../shared/data python scripts/not_adopted/bench_vmap.py --seeds 5 --steps 100 --threads 2
 
 Both paths compute the same per-seed losses at the first step (checked before timing); the
 times are the median of 3 rounds of `--steps` optimizer steps after 5 warm-up steps.
@@ -11,10 +11,9 @@ times are the median of 3 rounds of `--steps` optimizer steps after 5 warm-up st
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +22,17 @@ from torch.func import functional_call, stack_module_state
 from penrun.models import build_classifier
 from penrun.train.loop import eager_step
 
-from machine import describe_machine, mnist_images
-
-SPEC = dict(arch="lenet5", channels=1, image_size=28, num_classes=10, penultimate_dim=64, head="cosine")
+# The helpers shared by the scripts one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import LENET5, describe_machine, mnist_images, start, step_options
+from timing import interleaved, medians, timed
 
 
 def networks(seeds: int, device: torch.device) -> list[torch.nn.Module]:
     nets = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        nets.append(build_classifier(**SPEC).to(device))
+        nets.append(build_classifier(**LENET5).to(device))
     return nets
 
 
@@ -68,17 +68,10 @@ class Stacked:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = step_options(__doc__, steps=100)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = start(args)
     print(describe_machine(device))
     images, labels = mnist_images(device)
     g = torch.Generator().manual_seed(0)
@@ -94,28 +87,29 @@ def main() -> None:
         assert torch.allclose(stacked.losses(xs, ys), reference, rtol=1e-4), "vmap disagrees"
     optimizers = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in nets]
 
-    def timed(step) -> float:
+    def seconds(step) -> float:
+        """Seconds of the timed steps, after 5 warm-up steps."""
         for idx in batches[:5]:
             step(images[idx], labels[idx])
-        start = time.perf_counter()
-        for idx in batches[5:]:
-            step(images[idx], labels[idx])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed(lambda: [step(images[idx], labels[idx]) for idx in batches[5:]], device)[1]
 
-    rows = {"one after another": [], "vmap (stacked)": []}
-    for _ in range(3):
-        rows["one after another"].append(timed(lambda x, y: sequential_step(nets, optimizers, x, y)))
-        rows["vmap (stacked)"].append(timed(stacked.step))
+    rows = interleaved(
+        {
+            "one after another": lambda: seconds(lambda x, y: sequential_step(nets, optimizers, x, y)),
+            "vmap (stacked)": lambda: seconds(stacked.step),
+        },
+        rounds=3,
+    )
     samples = args.seeds * args.batch * args.steps
-    base = statistics.median(rows["one after another"])
+    median = medians(rows)
     print(f"{args.seeds} seeds x batch {args.batch}, {args.steps} steps, {args.threads} threads")
     print("| path | s per step (all seeds) | samples/s | vs one after another |")
     print("|---|---|---|---|")
-    for name, times in rows.items():
-        t = statistics.median(times)
-        print(f"| {name} | {t / args.steps * 1e3:.1f} ms | {samples / t:.0f} | {base / t:.2f}x |")
+    for name, t in median.items():
+        print(
+            f"| {name} | {t / args.steps * 1e3:.1f} ms | {samples / t:.0f} | "
+            f"{median['one after another'] / t:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What task=vae and task=gan share (docs/method.md#6-class-conditional-generation): options,
-the conditions (from a teacher or labels), the independent evaluator, per-epoch evaluation, metrics.json and samples.png.
+the conditions (from a teacher or labels), the independent evaluator, per-epoch evaluation,
+metrics.json and samples.png.
 
 A task supplies `build(cfg, setup) -> Generative` (its networks, optimizers and epoch);
 `run_generation` does the rest.
@@ -31,8 +32,9 @@ from penrun.core.conditions import (
 from penrun.core.metrics import class_accuracies, generation_metrics, mean_pairwise_distance, per_class
 from penrun.data import ImageData
 from penrun.models import Classifier
+from penrun.train.evaluation import accuracy, predict
 from penrun.train.files import save_image_grid
-from penrun.train.loop import TrainerSettings, accuracy, network_input, predict, train_epochs
+from penrun.train.loop import TrainerSettings, network_input, train_epochs
 from penrun.train.seeding import seed_everything
 
 log = logging.getLogger(__name__)

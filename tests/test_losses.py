@@ -1,4 +1,4 @@
-"""Tests that kill mutants of penrun.core.losses that the other tests let survive (MUTATION.md).
+"""penrun.core.losses: the distillation losses against closed forms, numpy and scipy.
 
 The synthetic terms are checked on a teacher whose synthetic activations are certain to be
 classified as their own class: orthogonal class directions with |w_k| = 1e4, so kappa = 1e4
@@ -28,7 +28,11 @@ from penrun.core.losses import (
 from penrun.core.penultimate import PenultimateModel
 
 K = 3
+
+
 TAU = 2.0
+
+
 STUDENT_SCALE = 2.0  # the student's head: logits = 2 a
 
 
@@ -47,6 +51,8 @@ class Net(nn.Module):
 
 
 X = np.array([[1.0, 0.0, 0.5], [0.0, 2.0, 1.0], [-1.0, 1.0, 0.5], [0.5, -0.5, 2.0]])
+
+
 STUDENT_A = np.array([[0.5, 1.0, 0.0], [-1.0, 0.0, 0.5], [0.0, 2.0, 1.0]])
 
 
@@ -95,6 +101,7 @@ def draws_only_from(setup: DistillSetup, term: str, batch: DistillBatch) -> torc
     return value
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("labelled", [True, False])
 def test_synthetic_targets_term_is_the_cross_entropy_to_the_own_class(labelled: bool) -> None:
     """Targets one-hot(class): the term is tau^2 * mean(-log softmax(s / tau)[class]); the class
@@ -108,6 +115,7 @@ def test_synthetic_targets_term_is_the_cross_entropy_to_the_own_class(labelled: 
     assert value.item() == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.mutation
 def test_synthetic_head_term_on_activations_of_random_classes() -> None:
     """The student's head 2 a on a ~ e_y with target one-hot(y): whatever the drawn classes,
     tau^2 * log(1 + (K-1) exp(-2/tau)) (the activations' spread of ~0.01 moves it < 1 %)."""
@@ -128,12 +136,14 @@ def np_class_similarity(w: np.ndarray) -> np.ndarray:
 SIMILARITY_W = np.array([[3.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.5, 0.0], [-1.0, 0.2, 2.0]])
 
 
+@pytest.mark.mutation
 def test_class_similarity_against_numpy() -> None:
     sim = class_similarity(torch.tensor(SIMILARITY_W)).numpy()
     np.testing.assert_allclose(sim, np_class_similarity(SIMILARITY_W), rtol=1e-12)
     assert sim.min() == pytest.approx(1e-3)  # the floor: each row's least similar class
 
 
+@pytest.mark.mutation
 def test_dirichlet_term_at_a_large_concentration_is_kl_to_the_mean() -> None:
     """Dir(beta * sim[y]) with beta = 1e8 is its mean sim[y] / sum to ~1e-4."""
     y = torch.tensor([2, 0, 3, 1])
@@ -147,6 +157,7 @@ def test_dirichlet_term_at_a_large_concentration_is_kl_to_the_mean() -> None:
     assert LOSSES["dirichlet"](b).item() == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_soft_cross_entropy_scales_with_tau_squared(tau: float) -> None:
     logits = np.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
@@ -155,6 +166,7 @@ def test_soft_cross_entropy_scales_with_tau_squared(tau: float) -> None:
     assert value == pytest.approx(kl_loss(targets, logits, tau), rel=1e-12)
 
 
+@pytest.mark.mutation
 def test_entropy_is_taken_over_the_last_axis() -> None:
     p = np.array([[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], [[1.0, 0.0, 0.0], [0.1, 0.1, 0.8]]])
     np.testing.assert_allclose(entropy(torch.tensor(p)).numpy(), stats.entropy(p, axis=-1), rtol=1e-12)
@@ -163,6 +175,7 @@ def test_entropy_is_taken_over_the_last_axis() -> None:
     )
 
 
+@pytest.mark.mutation
 def test_synthetic_activations_of_a_linear_head_have_the_class_radius() -> None:
     """space="input": the head's input r a, here |h| = 3 for every class."""
     head = Net(np.eye(3), np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))

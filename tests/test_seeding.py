@@ -1,6 +1,5 @@
-"""Tests that kill mutants of penrun.train.seeding that the other tests let survive (MUTATION.md):
-what one seed gives each generator, against the generators seeded directly, and the CUDA
-states on a stand-in device (this machine has no GPU)."""
+"""penrun.train.seeding: what one seed gives each generator, against the generators seeded
+directly, and the CUDA states on a stand-in device (this machine has no GPU)."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import torch
 from penrun.train.seeding import rng_state, seed_everything, set_rng_state
 
 
+@pytest.mark.mutation
 @pytest.mark.parametrize("seed", [5, 2**32 + 5])
 def test_one_seed_drives_python_numpy_and_torch(seed: int) -> None:
     """Each generator draws what it draws when seeded directly; NumPy, which takes seeds below
@@ -40,6 +40,7 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.restored.append)
 
 
+@pytest.mark.mutation
 def test_cuda_states_are_kept_and_restored_where_there_is_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = FakeCuda()
     cuda.install(monkeypatch, available=True)
@@ -52,6 +53,7 @@ def test_cuda_states_are_kept_and_restored_where_there_is_cuda(monkeypatch: pyte
     assert cuda.restored == [cuda.states]
 
 
+@pytest.mark.mutation
 def test_cuda_states_are_skipped_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = FakeCuda()
     cuda.install(monkeypatch, available=True)

@@ -1,6 +1,5 @@
-"""Tests that kill mutants of penrun.train.run_folder that the other tests let survive
-(MUTATION.md). The training tests reach the run folder only end to end; these check each of its
-methods on a temporary folder, against contents written out by hand."""
+"""penrun.train.run_folder: each method on a temporary folder, against contents written out by
+hand (the training tests reach the run folder only end to end)."""
 
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ def not_main(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(distributed, "is_main", lambda: False)
 
 
+@pytest.mark.mutation
 def test_flatten_and_config_difference_by_hand() -> None:
     tree = {"a": {"b": 1, "c": {"d": [2]}}, "e": None}
     assert flatten(tree) == {"a.b": 1, "a.c.d": [2], "e": None}
@@ -42,6 +42,7 @@ def test_flatten_and_config_difference_by_hand() -> None:
     assert config_difference(old, new) == ["a.b: 1 -> 3", "x: 2 -> '<unset>'", "y: '<unset>' -> 's'"]
 
 
+@pytest.mark.mutation
 def test_read_json_takes_objects_only(tmp_path: Path) -> None:
     cases = {"object": '{"a": 1}', "list": "[1, 2]", "broken": '{"a": ', "empty": ""}
     for name, text in cases.items():
@@ -52,6 +53,7 @@ def test_read_json_takes_objects_only(tmp_path: Path) -> None:
     assert read_json(tmp_path) is None  # a folder: an OSError, not a crash
 
 
+@pytest.mark.mutation
 def test_a_new_folder_has_nothing_to_reuse_or_resume(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -65,6 +67,7 @@ def test_a_new_folder_has_nothing_to_reuse_or_resume(
     assert caplog.records == []  # a missing metrics.json is no cause for a warning
 
 
+@pytest.mark.mutation
 def test_metrics_round_trip_and_only_a_complete_run_is_reused(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path, CONFIG)
     folder.write_metrics({"test_acc": 0.5}, "interrupted")
@@ -77,6 +80,7 @@ def test_metrics_round_trip_and_only_a_complete_run_is_reused(tmp_path: Path) ->
     assert folder.finished_metrics() == done
 
 
+@pytest.mark.mutation
 def test_a_folder_of_another_config_is_refused_naming_five_differences(tmp_path: Path) -> None:
     old = {f"k{i}": i for i in range(7)}
     RunFolder(tmp_path, old).write_metrics({}, "complete")
@@ -94,6 +98,7 @@ def write_last(folder: RunFolder, config: dict) -> None:
     torch.save({"format": CHECKPOINT_FORMAT, "config": config, "epoch": 2}, folder.last_path)
 
 
+@pytest.mark.mutation
 def test_an_unreadable_metrics_file_is_rebuilt_from_last_pt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -111,6 +116,7 @@ def test_an_unreadable_metrics_file_is_rebuilt_from_last_pt(
         folder.finished_metrics()  # last.pt of another run: refused before anything is written
 
 
+@pytest.mark.mutation
 def test_claim_holds_the_folder_until_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = RunFolder(tmp_path, CONFIG), RunFolder(tmp_path, CONFIG)
     assert first.claim() is True
@@ -133,6 +139,7 @@ def test_claim_holds_the_folder_until_close(tmp_path: Path, monkeypatch: pytest.
     assert RunFolder(tmp_path, CONFIG).claim() is False  # read-only: a finished run is still readable
 
 
+@pytest.mark.mutation
 def test_other_ranks_neither_lock_nor_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     not_main(monkeypatch)
     folder = RunFolder(tmp_path, CONFIG)
@@ -166,6 +173,7 @@ class RecordingWriter:
         self.closed = True
 
 
+@pytest.mark.mutation
 def test_log_scalars_writes_the_numbers_but_the_epoch(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path, CONFIG)
     folder._writer = writer = RecordingWriter()
@@ -184,6 +192,7 @@ def test_log_scalars_writes_the_numbers_but_the_epoch(tmp_path: Path) -> None:
     assert writer.closed and folder._writer is None
 
 
+@pytest.mark.mutation
 def test_the_writer_writes_tensorboard_events_into_the_folder(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path, CONFIG)
     writer = folder.writer
@@ -193,6 +202,7 @@ def test_the_writer_writes_tensorboard_events_into_the_folder(tmp_path: Path) ->
     assert [p.name.split(".")[0] for p in (tmp_path / "tensorboard").iterdir()] == ["events"]
 
 
+@pytest.mark.mutation
 def test_start_log_copies_the_log_with_times_until_close(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path, CONFIG)
     folder.start_log()
@@ -207,6 +217,7 @@ def test_start_log_copies_the_log_with_times_until_close(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.mutation
 def test_remove_orphans_takes_the_temporaries_of_atomic_writes_only(tmp_path: Path) -> None:
     orphans = [tmp_path / ".metrics.json.abc.tmp", tmp_path / "checkpoints" / ".last.pt.x1.tmp"]
     kept = [tmp_path / "keep.tmp", tmp_path / ".hidden", tmp_path / "a" / "b" / ".deep.tmp"]
@@ -218,6 +229,7 @@ def test_remove_orphans_takes_the_temporaries_of_atomic_writes_only(tmp_path: Pa
     assert [p.exists() for p in kept] == [True, True, True]
 
 
+@pytest.mark.mutation
 def test_ranks_other_than_zero_leave_the_temporaries_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +242,7 @@ def test_ranks_other_than_zero_leave_the_temporaries_alone(
     assert in_flight.exists()
 
 
+@pytest.mark.mutation
 def test_tensorboard_tags_group_by_what_a_number_measures() -> None:
     assert tensorboard_tag("train_loss") == "train/loss"
     assert tensorboard_tag("val_train_acc") == "val/train_acc"  # the first prefix only
@@ -238,6 +251,7 @@ def test_tensorboard_tags_group_by_what_a_number_measures() -> None:
     assert tensorboard_tag("time_x") == "test/time_x"
 
 
+@pytest.mark.mutation
 def test_made_by_names_the_version_and_the_commit() -> None:
     assert made_by({"penrun": {"version": "0.3.0", "commit": "abc123-dirty"}}) == (
         "made by penrun 0.3.0, commit abc123-dirty"
@@ -247,6 +261,7 @@ def test_made_by_names_the_version_and_the_commit() -> None:
         assert made_by(unstamped) == "made by penrun 0.2.0 or older"
 
 
+@pytest.mark.mutation
 def test_move_aside_renames_the_folder_and_deletes_nothing(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path / "run", CONFIG)
     assert folder.move_aside() is None  # nothing there
@@ -267,6 +282,7 @@ def test_move_aside_renames_the_folder_and_deletes_nothing(tmp_path: Path) -> No
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.mutation
 def test_a_complete_run_gives_the_hparams_tab_its_config_and_final_numbers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

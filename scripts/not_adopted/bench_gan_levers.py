@@ -2,7 +2,7 @@
 task=gan takes it (D frozen while G's loss is built), with D's weight gradients built and
 discarded (the step before 2026-11-27), with channels-last tensors, and under bf16 autocast.
 
-    python scripts/bench_gan_levers.py --threads 1 --batch-size 64 --rounds 3
+    python scripts/not_adopted/bench_gan_levers.py --threads 1 --batch-size 64 --rounds 3
 
 The networks and losses are penrun's (Generator, ProjectionDiscriminator, hinge losses, Adam with
 the task's betas); the step is written out here so that each variant can change one thing.
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
+import sys
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,10 @@ import torch.nn.functional as F
 from penrun.app.tasks.gan import frozen
 from penrun.models.generative import Generator, ProjectionDiscriminator, hinge_d_loss, hinge_g_loss
 
+# The helpers shared by the scripts one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import add_allocator_option, describe_machine, set_allocator
+from timing import interleaved, per_step
 
 Z_DIM, COND_DIM, WIDTH = 64, 32, 32
 VARIANTS = {
@@ -64,13 +69,6 @@ def make_step(batch: int, freeze: bool, channels_last: bool = False, autocast: b
     return step
 
 
-def ms_per_step(step: Callable, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return 1000 * (time.perf_counter() - start) / steps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,18 +85,16 @@ def main() -> None:
     for step in steps.values():  # warm-up: first calls allocate and pick kernels
         for _ in range(5):
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            times[name].append(ms_per_step(step, args.steps))
+    times = interleaved(
+        {name: partial(per_step, step, args.steps) for name, step in steps.items()}, args.rounds
+    )
+    fastest = {name: min(rounds) for name, rounds in times.items()}
+    reference = fastest[next(iter(fastest))]
     print(f"# {describe_machine(torch.device('cpu'))}; batch {args.batch_size}, {args.threads} thread(s)")
     print("| variant | ms/step (fastest round) | all rounds | against the task's step |\n|---|---|---|---|")
-    reference = min(times[next(iter(times))])
     for name, rounds in times.items():
-        print(
-            f"| {name} | {min(rounds):.1f} | {', '.join(f'{t:.1f}' for t in rounds)} | "
-            f"{reference / min(rounds):.2f}x |"
-        )
+        all_rounds = ", ".join(f"{1000 * t:.1f}" for t in rounds)
+        print(f"| {name} | {1000 * fastest[name]:.1f} | {all_rounds} | {reference / fastest[name]:.2f}x |")
 
 
 if __name__ == "__main__":
