@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from penrun.app.errors import ConfigError
-from penrun.data import epoch_batches, load_dataset, normalize, resize, sources, to_channels
+from penrun.data import epoch_batches, load_dataset, normalize, num_batches, resize, sources, to_channels
 from penrun.data.batches import labelled_subset
 from penrun.errors import InputError
 
@@ -66,10 +66,22 @@ def test_normalize_maps_to_unit_interval() -> None:
 
 
 def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:
-    a = torch.cat(list(epoch_batches(100, 32, shuffle=True, seed=3, epoch=2)))
-    b = torch.cat(list(epoch_batches(100, 32, shuffle=True, seed=3, epoch=2)))
-    c = torch.cat(list(epoch_batches(100, 32, shuffle=True, seed=3, epoch=3)))
-    assert torch.equal(a, b) and not torch.equal(a, c) and sorted(a.tolist()) == list(range(100))
+    def order(seed: int, epoch: int) -> list[int]:
+        return torch.cat(list(epoch_batches(103, 10, shuffle=True, seed=seed, epoch=epoch))).tolist()
+
+    reference = order(3, 2)
+    torch.manual_seed(123)  # the global random state plays no part
+    torch.rand(7)
+    assert order(3, 2) == reference and sorted(reference) == list(range(103))
+    assert order(3, 3) != reference and order(4, 2) != reference
+    sizes = [len(b) for b in epoch_batches(103, 10, shuffle=True, seed=3, epoch=2, drop_last=True)]
+    assert sizes == [10] * 10
+    assert [b.tolist() for b in epoch_batches(6, 2, shuffle=False)] == [[0, 1], [2, 3], [4, 5]]
+    # A last batch of one joins the one before (batch norm cannot train on one example).
+    assert [b.tolist() for b in epoch_batches(5, 2, shuffle=False)] == [[0, 1], [2, 3, 4]]
+    for n, size, drop in ((5, 2, False), (6, 2, False), (103, 10, True), (103, 10, False), (1, 4, False)):
+        batches = list(epoch_batches(n, size, shuffle=True, seed=1, drop_last=drop))
+        assert len(batches) == num_batches(n, size, drop), (n, size, drop)
 
 
 # ---------------------------------------------------------------- npz files and their errors
@@ -285,3 +297,27 @@ def test_full_cifar10_wins_over_the_lossy_subset_wherever_it_is(
     assert "cifar10_jpeg_subset" not in full.source and len(full.y_train) == 50 and len(full.y_test) == 10
     np.savez(data_dir / "cifar10.npz", x_train=x, y_train=np.arange(10), x_test=x[:5], y_test=np.arange(5))
     assert load_dataset("cifar10", data_dir=data_dir, cache_dir=cache).source.endswith("cifar10.npz")
+
+
+def test_epoch_batch_boundaries_and_defaults() -> None:
+    """Boundaries by hand: a last batch of one joins the batch before it, in short and long
+    epochs alike; num_batches agrees with the batches drawn; seed and epoch default to 0."""
+
+    def plain(n: int, size: int) -> list[list[int]]:
+        return [b.tolist() for b in epoch_batches(n, size, shuffle=False)]
+
+    assert plain(3, 2) == [[0, 1, 2]]
+    assert plain(7, 2) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert (num_batches(3, 2), num_batches(7, 4), num_batches(7, 4, drop_last=True)) == (1, 2, 1)
+    drawn = [b.tolist() for b in epoch_batches(9, 4, shuffle=True)]
+    assert drawn == [b.tolist() for b in epoch_batches(9, 4, shuffle=True, seed=0, epoch=0)]
+
+
+def test_labelled_subset_takes_up_to_the_rarest_class_and_says_when_it_cannot() -> None:
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    assert sorted(y[labelled_subset(y, 3, 2, seed=0)].tolist()) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(
+        ValueError,
+        match=r"per_class=4 asks for more examples per class than there are \(the rarest class has 3\)",
+    ):
+        labelled_subset(y, 4, 2, seed=0)

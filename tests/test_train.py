@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from penrun.data import epoch_batches, num_batches
 from penrun.errors import InputError
 from penrun.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -397,25 +396,6 @@ def test_channels_last_puts_conv_weights_in_nhwc_and_keeps_the_outputs() -> None
     assert nhwc[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert nhwc[3].weight.is_contiguous()  # a linear layer's weights are left as they were
     torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-5, atol=1e-6)
-
-
-def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:
-    def order(seed: int, epoch: int) -> list[int]:
-        return torch.cat(list(epoch_batches(103, 10, shuffle=True, seed=seed, epoch=epoch))).tolist()
-
-    reference = order(3, 2)
-    torch.manual_seed(123)  # the global random state plays no part
-    torch.rand(7)
-    assert order(3, 2) == reference and sorted(reference) == list(range(103))
-    assert order(3, 3) != reference and order(4, 2) != reference
-    sizes = [len(b) for b in epoch_batches(103, 10, shuffle=True, seed=3, epoch=2, drop_last=True)]
-    assert sizes == [10] * 10
-    assert [b.tolist() for b in epoch_batches(6, 2, shuffle=False)] == [[0, 1], [2, 3], [4, 5]]
-    # A last batch of one joins the one before (batch norm cannot train on one example).
-    assert [b.tolist() for b in epoch_batches(5, 2, shuffle=False)] == [[0, 1], [2, 3, 4]]
-    for n, size, drop in ((5, 2, False), (6, 2, False), (103, 10, True), (103, 10, False), (1, 4, False)):
-        batches = list(epoch_batches(n, size, shuffle=True, seed=1, drop_last=drop))
-        assert len(batches) == num_batches(n, size, drop), (n, size, drop)
 
 
 # ---------------------------------------------------------------- random states
