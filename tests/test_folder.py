@@ -261,15 +261,19 @@ def test_distill_refuses_labels_on_unlabeled_and_unmatched_classes(
 STREAMED = ["data.in_memory=false", "data.workers=2"]
 
 
-def teacher_run(root: Path, run_dir: Path, extra: list[str]) -> dict:
-    args = [
+def teacher_args(root: Path) -> list[str]:
+    """A tiny train_teacher run on the image folder `root`."""
+    return [
         "task=train_teacher",
         "data=folder",
         f"data.root={root}",
         "data.image_size=8",
         "trainer.batch_size=8",
     ]
-    return run_task([*args, "trainer.max_epochs=2", *extra], run_dir)
+
+
+def teacher_run(root: Path, run_dir: Path, extra: list[str]) -> dict:
+    return run_task([*teacher_args(root), "trainer.max_epochs=2", *extra], run_dir)
 
 
 def test_tasks_give_the_same_numbers_streamed_as_in_memory(tmp_path: Path) -> None:
@@ -311,14 +315,7 @@ def test_a_killed_streamed_run_resumes_to_the_in_memory_numbers(tmp_path: Path) 
     """Killed in epoch 3 while streaming, resumed streaming: the history and weights of the
     uninterrupted run that held its images in memory."""
     root = image_folder(tmp_path / "source", ["a", "b", "c"], per_class=12)
-    args = [
-        "task=train_teacher",
-        "data=folder",
-        f"data.root={root}",
-        "data.image_size=8",
-        "trainer.batch_size=8",
-    ]
-    args += ["trainer.max_epochs=4", "trainer.num_threads=1"]
+    args = [*teacher_args(root), "trainer.max_epochs=4", "trainer.num_threads=1"]
     # 37 images less a tenth held out for validation: 34, in 4 batches of 8 (the last takes the odd one)
     killed = tmp_path / "killed"
     killer = finish(
