@@ -2,8 +2,11 @@
 per second on CIFAR-10 images, as classifier training takes them (`optimize_epoch`: Adam,
 cross-entropy, batches sliced from the converted training images), the four variants measured
 in interleaved rounds (the load of a shared machine hits them alike); the medians are printed.
+With --evaluation: float32 evaluation (`predict`, as every epoch's scoring takes it) of ResNet-20
+and ResNet-8 in images per second, by evaluation batch size and layout.
 
     python scripts/bench_precision.py --threads 1 --batch 64 --steps 2 --rounds 4
+    python scripts/bench_precision.py --threads 1 --evaluation --images 2048 --rounds 3
 
 Images: the offline CIFAR-10 subset (or full CIFAR-10) from $PENRUN_DATA_DIR. Each variant is
 warmed up first (oneDNN builds its kernels on the first steps of a shape and layout).
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 
 from penrun.data import load_dataset
 from penrun.models import build_classifier
+from penrun.train.evaluation import predict
 from penrun.train.loop import TrainerSettings, device_batches, network_input, on_device, optimize_epoch
 from penrun.train.optim import build_optimizer
 from penrun.train.seeding import seed_everything
@@ -62,14 +66,49 @@ def seconds_per_step(
     return measure
 
 
+def seconds_per_image(
+    arch: str, channels_last: bool, batch: int, images: torch.Tensor
+) -> Callable[[], float]:
+    """A measurement of float32 evaluation: seconds per image of `predict` over `images`."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_classifier(**(RESNET20 | {"arch": arch})).to(images.device, memory_format=layout)
+
+    def measure() -> float:
+        return timed(lambda: predict(model, images, batch, images.device), images.device)[1] / len(images)
+
+    measure()  # warm-up
+    return measure
+
+
+def evaluation(images: torch.Tensor, rounds: int) -> None:
+    measures = {
+        (arch, batch, layout): seconds_per_image(arch, layout == "channels_last", batch, images)
+        for arch in ("resnet20", "resnet8")
+        for batch in (256, 1024)
+        for layout in ("contiguous", "channels_last")
+    }
+    times = medians(interleaved(measures, rounds))
+    print(f"float32 evaluation of {len(images)} images, {rounds} interleaved rounds")
+    print("| network | eval batch | layout | images/s (median) | x batch 1024 contiguous |")
+    print("|---|---|---|---|---|")
+    for (arch, batch, layout), seconds in times.items():
+        base = times[(arch, 1024, "contiguous")]
+        print(f"| {arch} | {batch} | {layout} | {1 / seconds:.0f} | {base / seconds:.2f} |")
+
+
 def main() -> None:
     parser = step_options(__doc__, steps=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--evaluation", action="store_true", help="evaluation speed instead of training")
+    parser.add_argument("--images", type=int, default=2048, help="images per evaluation round")
     args = parser.parse_args()
     device = start(args)
     print(describe_machine(device))
     data = load_dataset("cifar10", data_dir=os.environ.get("PENRUN_DATA_DIR"), download=False)
     images = network_input(data.x_train, device)
+    if args.evaluation:
+        evaluation(images[: args.images], args.rounds)
+        return
     common = dict(
         max_epochs=1,
         batch_size=args.batch,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -16,8 +17,15 @@ from penrun.app.cli import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PENRUN_DATA_DIR") or REPO.parent / "shared" / "data")
-# Fast settings for every test run: few epochs, no bars, both cores.
-QUICK = ["trainer.progress=false", "trainer.num_threads=2"]
+# Fast settings for every test run: no bars, one torch thread. Two threads on these small
+# networks took 10x the CPU time of one as soon as a third process held a core (OpenMP threads
+# wait for each other; BENCHMARKS.md, "Threads and parallel jobs"), and the suite runs beside
+# its own subprocesses.
+QUICK = ["trainer.progress=false", "trainer.num_threads=1"]
+# The same for what num_threads leaves at torch's default (teacher_trainer, evaluator_trainer,
+# the unit tests): in this process, and in the subprocesses the tests start.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +100,7 @@ def start_python(args: list[str], cwd: Path, env: dict | None = None) -> subproc
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **ONE_THREAD, **(env or {})},
     )
     proc.description = " ".join(args)  # type: ignore[attr-defined]
     return proc

@@ -181,6 +181,9 @@ def test_the_schema_names_every_loss_term_and_registry_option() -> None:
 # them. Regenerate only when a change of configs is meant to change runs (then say so):
 #   PYTHONPATH=<checkout>/src:tests python tests/test_configs.py <checkout>/configs tests/data/composed_jobs.json
 SNAPSHOT = Path(__file__).parent / "data" / "composed_jobs.json"
+# Identities changed on purpose since the snapshot: the unlabeled protocol's held-out set no
+# longer reads transfer labels (issue 22), so its finished runs are another config.
+CHANGED_ON_PURPOSE = {"distill.held_out": "seeded"}
 ABSENT = "<absent>"  # in a stored entry: a key of the shared part that this entry lacks
 
 
@@ -290,7 +293,11 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
     changed = [k for k in old.keys() & new.keys() if old[k] != new[k]]
     gone = [k for k in old.keys() - new.keys() if RETIRED_KEYS.get(k, ABSENT) != old[k]]
-    added = [k for k in new.keys() - old.keys() if IDENTITY_DEFAULTS.get(k, ABSENT) != new[k]]
+    added = [
+        k
+        for k in new.keys() - old.keys()
+        if IDENTITY_DEFAULTS.get(k, ABSENT) != new[k] and CHANGED_ON_PURPOSE.get(k, ABSENT) != new[k]
+    ]
     return [f"{k}: {old.get(k, ABSENT)!r} -> {new.get(k, ABSENT)!r}" for k in sorted(changed + gone + added)]
 
 
@@ -303,7 +310,8 @@ def assert_same_runs(expected: dict[str, dict[str, Any]], composed: dict[str, di
     assert composed.keys() == expected.keys()
     for name, old in expected.items():
         assert identity_differences(old, composed[name]) == [], name
-        assert config_difference(old, composed[name], IDENTITY_DEFAULTS) == [], name
+        difference = config_difference(old, composed[name], IDENTITY_DEFAULTS)
+        assert [d for d in difference if not d.startswith(tuple(CHANGED_ON_PURPOSE))] == [], name
 
 
 def snapshot() -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,14 @@ from torch import nn
 from penrun.app import schema
 from penrun.app.errors import ConfigError
 from penrun.app.tasks import distill
-from penrun.app.tasks.distill import Outcome, Protocol, StudentExamples, final_metrics, student_examples
+from penrun.app.tasks.distill import (
+    Outcome,
+    Protocol,
+    StudentExamples,
+    final_metrics,
+    held_out_indices,
+    student_examples,
+)
 from penrun.core.losses import (
     LOSSES,
     DistillBatch,
@@ -30,11 +39,12 @@ from penrun.core.losses import (
     total_loss,
 )
 from penrun.core.penultimate import PenultimateModel
-from penrun.data import ImageData
+from penrun.data import ImageData, labelled_subset
 from penrun.models import build_classifier
 from penrun.models.classifiers import CosineHead
+from penrun.train.run_folder import RunFolder
 
-from conftest import Teachers, run_main, run_task
+from conftest import Teachers, compose_config, run_main, run_task
 
 QUICK_DISTILL = [
     "task=distill",
@@ -46,8 +56,10 @@ QUICK_DISTILL = [
 
 @pytest.fixture
 def digits_teacher(digits_teachers: Teachers) -> str:
-    """The shared digits teacher (conftest: mlp, cosine head, 4 epochs), as an override."""
-    return f"teacher_ckpt={digits_teachers['cosine']}"
+    """The shared digits teacher (conftest: mlp, cosine head, 4 epochs), as an override. A
+    mutation run of distill.py may name one trained beforehand by task=train_teacher (which no
+    mutant of distill.py changes) in PENRUN_TEST_TEACHER, instead of training it per mutant."""
+    return f"teacher_ckpt={os.environ.get('PENRUN_TEST_TEACHER') or digits_teachers['cosine']}"
 
 
 @pytest.fixture(scope="module")
@@ -375,8 +387,8 @@ def test_cifar10_to_stl10_aligns_the_classes(
         data_dir,
     )
     # STL-10's monkeys (label 7) have no CIFAR-10 class: 3 of the 30 training images drop out.
-    # One image per class is held out to validate on.
-    assert metrics["transfer"] == "stl10" and metrics["transfer_train_size"] == 27 - 9
+    # Without labels, val_per_class (1) x the teacher's 10 classes are held out to validate on.
+    assert metrics["transfer"] == "stl10" and metrics["transfer_train_size"] == 27 - 10
 
 
 def test_align_classes_maps_stl10_into_cifar10() -> None:
@@ -531,25 +543,62 @@ def indices(x: torch.Tensor) -> list[int]:
 UNBALANCED = np.random.default_rng(0).permutation([0] * 30 + [1] * 25 + [2] * 40).tolist()
 
 
+def examples_of(data: ImageData, labels: int | str | None, rule: str, seed: int = 0) -> StudentExamples:
+    """A student's examples with 4 held-out images per class of the three (12 seeded ones)."""
+    return student_examples(data, labels, held_out_indices(data, rule, 4, 3), seed)
+
+
 def test_validation_examples_are_never_trained_on_in_either_protocol() -> None:
-    """4 held-out examples of each class; the student trains on the others (all of them with
-    labels=all or none, 5 per class with labels=5), never on a held-out one, and each example
-    keeps its own label. Without labels no label comes back at all. Fails if the held-out
-    examples stay in the pool, if the training set is drawn from the whole split, or if a
-    label is paired with another example."""
+    """12 held-out examples (4 of each class when balanced); the student trains on the others (all
+    of them with labels=all or none, 5 per class with labels=5), never on a held-out one, and
+    each example keeps its own label. Without labels no label comes back at all. Fails if the
+    held-out examples stay in the pool, if the training set is drawn from the whole split, if
+    the seeded set holds out per_class images instead of per_class x classes, or if a label is
+    paired with another example."""
     data = numbered(UNBALANCED)
     y = np.array(UNBALANCED)
-    for labels, train_size in ((None, 95 - 12), ("all", 95 - 12), (5, 15)):
-        examples = student_examples(data, labels, val_per_class=4, seed=0)
+    cases = [(None, "seeded", 95 - 12), ("all", "balanced", 95 - 12), (5, "balanced", 15), (5, "seeded", 15)]
+    for labels, rule, train_size in cases:
+        examples = examples_of(data, labels, rule)
         train, val = indices(examples.x_train), indices(examples.x_val)
         assert not set(train) & set(val) and len(set(train)) == train_size == len(train)
-        assert np.bincount(y[val], minlength=3).tolist() == [4, 4, 4]
+        assert len(set(val)) == len(val) == 12
+        if rule == "balanced":
+            assert np.bincount(y[val], minlength=3).tolist() == [4, 4, 4]
         if labels is None:
             assert examples.y_train is None and examples.y_val is None
             assert sorted(train + val) == list(range(95))
         else:
             assert examples.y_train.tolist() == y[train].tolist()
             assert examples.y_val.tolist() == y[val].tolist()
+            assert np.bincount(y[train], minlength=3).tolist() == ([5, 5, 5] if labels == 5 else [26, 21, 36])
+
+
+def test_the_seeded_held_out_set_reads_no_label() -> None:
+    """The unlabeled protocol's held-out images: 4 x 3 of them, the same whatever the labels say
+    (garbage, or none at all as in a flat folder of images: the same images a flat folder held
+    out before the rule existed, by labelled_subset of label -1), and whatever the run's seed;
+    a set larger than the training split is refused naming the option. Fails if the seeded set
+    is balanced by the labels, drawn with the run's seed, or of another size."""
+    data = numbered(UNBALANCED)
+    garbage = dataclasses.replace(
+        data, y_train=torch.randint(0, 3, (95,), generator=torch.Generator().manual_seed(5))
+    )
+    flat = dataclasses.replace(data, y_train=torch.full((95,), -1))
+    held = held_out_indices(data, "seeded", 4, 3)
+    assert torch.equal(held, held_out_indices(garbage, "seeded", 4, 3))
+    assert torch.equal(held, held_out_indices(flat, "seeded", 4, 3))
+    assert torch.equal(held, labelled_subset(flat.y_train, 12, 3, seed=0))
+    assert (
+        held.tolist() == sorted(set(held.tolist())) and len(held) == 12 and 0 <= held.min() <= held.max() < 95
+    )
+    assert np.bincount(np.array(UNBALANCED)[held], minlength=3).tolist() != [4, 4, 4]  # not balanced
+    assert [indices(examples_of(data, None, "seeded", seed).x_val) for seed in (0, 1)] == [held.tolist()] * 2
+    assert len(held_out_indices(data, "seeded", 2, 10)) == 20
+    with pytest.raises(ConfigError, match=r"^distill.val_per_class=32 holds out 96 images \(32 x 3 classes\), "
+                       r"more than the 95 training images of numbered$"):  # fmt: skip
+        held_out_indices(data, "seeded", 32, 3)
+    assert len(held_out_indices(data, "seeded", 31, 3)) == 93
 
 
 def test_the_labelled_subset_is_class_balanced_and_drawn_with_the_seed() -> None:
@@ -558,14 +607,42 @@ def test_the_labelled_subset_is_class_balanced_and_drawn_with_the_seed() -> None
     seed is ignored, or the validation set is drawn with it."""
     data = numbered(UNBALANCED)
     y = np.array(UNBALANCED)
-    draws = [student_examples(data, 5, val_per_class=4, seed=seed) for seed in (0, 1, 2)]
+    draws = [examples_of(data, 5, "balanced", seed) for seed in (0, 1, 2)]
     for examples in draws:
         assert np.bincount(y[indices(examples.x_train)], minlength=3).tolist() == [5, 5, 5]
     assert len({tuple(indices(e.x_train)) for e in draws}) == 3
     assert len({tuple(indices(e.x_val)) for e in draws}) == 1
 
 
-def outcome(labelled: bool, history: list[dict[str, Any]]) -> Outcome:
+def test_runs_stored_before_the_held_out_rule_are_another_config_only_without_labels() -> None:
+    """A run stored before distill.held_out existed held out a class-balanced set in both
+    protocols: a labelled one is still the same config (reused), an unlabeled one is another
+    (refused, or rerun with rerun=true), and held_out=balanced without labels is refused. Fails if
+    the key's default ignores the protocol, or if stored runs lacking it count as seeded."""
+    from penrun.app.config import run_config
+    from penrun.app.schema import IDENTITY_DEFAULTS
+    from penrun.train.run_folder import config_difference
+
+    for labels, held_out, differs in (
+        ("none", "seeded", True),
+        (5, "balanced", False),
+        ("all", "balanced", False),
+    ):
+        new = run_config(compose_config(["task=distill", f"distill.labels={labels}"]))
+        assert new["distill"]["held_out"] == held_out
+        old = json.loads(json.dumps(new))
+        del old["distill"]["held_out"]
+        expected = ["distill.held_out: 'balanced' -> 'seeded'"] if differs else []
+        assert config_difference(old, new, IDENTITY_DEFAULTS) == expected
+    with pytest.raises(
+        ConfigError, match=r"^distill.held_out=balanced reads transfer labels, which the unlabeled "
+    ):
+        distill.check_options(compose_config(["task=distill", "distill.held_out=balanced"]))
+    distill.check_options(compose_config(["task=distill", "distill.labels=3", "distill.held_out=seeded"]))
+
+
+# ---------------------------------------------------------------- which epoch is selected, and its score
+def outcome(labelled: bool, history: list[dict[str, Any]], selected_score: float = 0.4) -> Outcome:
     images = numbered([0, 1, 2])
     source, transfer = dataclasses.replace(images, name="src"), dataclasses.replace(images, name="dst")
     return Outcome(
@@ -577,6 +654,7 @@ def outcome(labelled: bool, history: list[dict[str, Any]]) -> Outcome:
         teacher_path=Path("teacher.pt"),
         teacher_accs={"teacher_source_acc": 0.9, "teacher_transfer_acc": 0.6},
         history=history,
+        selected_score=selected_score,
         other_domain_acc=0.42,
     )
 
@@ -594,7 +672,9 @@ def test_the_epoch_is_selected_on_validation_even_where_the_test_set_disagrees()
         history = [
             {"epoch": e + 1, val_key: v, test_key: t} for e, (v, t) in enumerate(zip(val, test, strict=True))
         ]
-        metrics = final_metrics(outcome(labelled, history))
+        run = outcome(labelled, history)
+        assert distill.selected_test_score(None, None, history, run.protocol, None) == 0.4
+        metrics = final_metrics(run)
         assert metrics["selected_epoch"] == 2
         assert metrics[f"selected_{test_key}"] == 0.4 and metrics[f"best_{val_key}"] == 0.8
         assert metrics[test_key] == 0.35 and metrics[other] == 0.42
@@ -603,6 +683,40 @@ def test_the_epoch_is_selected_on_validation_even_where_the_test_set_disagrees()
         }
         assert metrics["method"] == "ce+kd" and metrics["losses"] == {"ce": 1.0, "kd": 0.5}
         assert (metrics["transfer_train_size"], metrics["val_size"]) == (50, 30)
+
+
+def test_the_test_split_is_scored_every_test_every_epochs_and_at_the_last() -> None:
+    """Epochs 3, 6, 9 and the last (10) of ten with test_every=3; every epoch with 1; only the
+    last with a step longer than the run. Fails if the step, the remainder or the last epoch is
+    off by one."""
+    images = numbered([0, 1, 2])
+    scored = {
+        every: [
+            e for e in range(1, 11) if Protocol(images, images, True, test_every=every).scores_test(e, 10)
+        ]
+        for every in (1, 3, 10, 11)
+    }
+    assert scored == {1: list(range(1, 11)), 3: [3, 6, 9, 10], 10: [10], 11: [10]}
+
+
+def test_the_curve_holds_only_the_scored_epochs() -> None:
+    """A history scored at epochs 2 and 4 (test_every=2) whose validation peaks at epoch 3: the
+    curve and its stability are those of epochs 2 and 4 alone, the last score is epoch 4's, and
+    the selected score is the one given (best.pt's). Fails if a missing score counts as 0, or the
+    selected score is read from another row."""
+    history = [
+        {"epoch": 1, "val_acc": 0.2},
+        {"epoch": 2, "val_acc": 0.5, "transfer_acc": 0.7},
+        {"epoch": 3, "val_acc": 0.9},
+        {"epoch": 4, "val_acc": 0.6, "transfer_acc": 0.4},
+    ]
+    metrics = final_metrics(outcome(True, history, selected_score=0.65))
+    assert (metrics["selected_epoch"], metrics["selected_transfer_acc"], metrics["transfer_acc"]) == (
+        3,
+        0.65,
+        0.4,
+    )
+    assert metrics["stability"] == {"transfer": pytest.approx({"std_last": 0.15, "max_drop": 0.3})}
 
 
 # ---------------------------------------------------------------- the options reach the losses
@@ -667,37 +781,34 @@ def test_every_distill_option_reaches_the_losses(
 def test_the_unlabeled_protocol_reads_no_transfer_label(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_teacher: str
 ) -> None:
-    """Without labels, a run whose transfer labels are garbage (a random class for each training
-    and held-out example, once the held-out examples are chosen) gives the same numbers, epoch by
-    epoch; garbage test labels change only the reported transfer accuracies, the evaluation they
-    exist for. The labels that pick the fixed held-out set (class-balanced, the same for every
-    run: docs/method.md 5.4) are the only training labels read. Fails if the student's steps, the
-    validation agreement or the epoch's choice read a transfer label."""
+    """Without labels, a run whose transfer labels are garbage (a random class for every training
+    and test image, before anything is held out) gives the same numbers, epoch by epoch; the
+    garbage test labels change only the reported transfer accuracies, the evaluation they exist
+    for. Fails if the student's steps, the held-out set, the validation agreement or the epoch's
+    choice read a transfer label (as the class-balanced held-out set did before distill.held_out)."""
     # Besides the default kd + synthetic_head + feature, the terms that read each example's class.
     classes = [
         "distill.losses.synthetic_targets=1",
         "distill.losses.dirichlet=0.5",
         "distill.losses.smooth=0.5",
     ]
-    overrides = [*QUICK_DISTILL, digits_teacher, "distill.labels=none", *classes]
+    small = ["transfer.limit_train=300", "transfer.limit_test=200"]
+    overrides = [*QUICK_DISTILL, digits_teacher, "distill.labels=none", *classes, *small]
     clean = run_task([*overrides, f"paths.output_dir={tmp_path / 'clean'}"], tmp_path / "clean")
     garbage = torch.Generator().manual_seed(1)
 
     def scrambled(labels: torch.Tensor) -> torch.Tensor:
         return torch.randint(0, 10, labels.shape, generator=garbage)
 
-    hold_out, transfer_data = distill.hold_out_validation, distill.transfer_data
+    transfer_data = distill.transfer_data
 
-    def garbage_hold_out(transfer: ImageData, per_class: int):
-        pool, (x_val, y_val) = hold_out(transfer, per_class)
-        return dataclasses.replace(pool, y_train=scrambled(pool.y_train)), (x_val, scrambled(y_val))
-
-    def garbage_tests(cfg, source: ImageData) -> ImageData:
+    def garbage_labels(cfg, source: ImageData) -> ImageData:
         transfer = transfer_data(cfg, source)
-        return dataclasses.replace(transfer, y_test=scrambled(transfer.y_test))
+        return dataclasses.replace(
+            transfer, y_train=scrambled(transfer.y_train), y_test=scrambled(transfer.y_test)
+        )
 
-    monkeypatch.setattr(distill, "hold_out_validation", garbage_hold_out)
-    monkeypatch.setattr(distill, "transfer_data", garbage_tests)
+    monkeypatch.setattr(distill, "transfer_data", garbage_labels)
     noisy = run_task([*overrides, f"paths.output_dir={tmp_path / 'noisy'}"], tmp_path / "noisy")
 
     def numbers(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -708,3 +819,57 @@ def test_the_unlabeled_protocol_reads_no_transfer_label(
     assert numbers(noisy) == numbers(clean)
     assert noisy["transfer_acc"] != clean["transfer_acc"]
     assert noisy["teacher_transfer_acc"] != clean["teacher_transfer_acc"]
+
+
+def test_a_test_split_scored_every_few_epochs_gives_the_same_selected_and_last_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_teacher: str
+) -> None:
+    """Three epochs whose validation score is made to peak at the first (1/epoch), with the
+    source test split scored every epoch and every second one: the same training and validation
+    numbers, the same last score, and the same selected score, which the second run reads from
+    best.pt (epoch 1, never scored in training); its history lacks the score of epoch 1 alone.
+    A best.pt of another epoch than the selected one is refused. Fails if the selected score
+    comes from the last student or the wrong checkpoint, or if the last epoch is skipped."""
+    train_epochs = distill.train_epochs
+
+    def validation_peaks_first(*args: Any, evaluate: Any, monitor: str, **kwargs: Any) -> Any:
+        return train_epochs(
+            *args, evaluate=lambda e: {**evaluate(e), monitor: 1 / e}, monitor=monitor, **kwargs
+        )
+
+    monkeypatch.setattr(distill, "train_epochs", validation_peaks_first)
+    runs = {
+        every: run_task(
+            [
+                *QUICK_DISTILL,
+                digits_teacher,
+                "transfer.limit_train=300",
+                "trainer.max_epochs=3",
+                f"distill.test_every={every}",
+            ],
+            tmp_path / str(every),
+        )
+        for every in (1, 2)
+    }
+    every_epoch, every_second = runs[1], runs[2]
+    scored = [
+        [e["epoch"] for e in run["history"] if "source_acc" in e] for run in (every_epoch, every_second)
+    ]
+    assert scored == [[1, 2, 3], [2, 3]]
+    for first, second in zip(every_epoch["history"], every_second["history"], strict=True):
+        assert {k: v for k, v in first.items() if k not in ("epoch_time", "source_acc")} == {
+            k: v for k, v in second.items() if k not in ("epoch_time", "source_acc")
+        }
+    assert every_epoch["selected_epoch"] == every_second["selected_epoch"] == 1
+    assert every_second["selected_source_acc"] == every_epoch["selected_source_acc"]
+    assert every_epoch["selected_source_acc"] == every_epoch["history"][0]["source_acc"]
+    assert every_second["source_acc"] == every_epoch["source_acc"] == every_epoch["history"][-1]["source_acc"]
+    assert (
+        every_second["selected_source_acc"] != every_second["source_acc"]
+    )  # best.pt is not the last student
+    # A history whose selection (epoch 2, unscored here) is not the epoch best.pt holds (1).
+    history = [{"epoch": 1, "val_agreement": 0.5}, {"epoch": 2, "val_agreement": 0.9}]
+    folder = RunFolder(tmp_path / "2", {})
+    protocol = Protocol(numbered([0]), numbered([0]), labelled=False)
+    with pytest.raises(RuntimeError, match=r"best.pt holds epoch 1, not the selected 2$"):
+        distill.selected_test_score(folder, None, history, protocol, None)

@@ -8,11 +8,15 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from penrun.app.config import trainer_settings
 from penrun.app.errors import ConfigError
+from penrun.app.generation import GenerationSetup, Generative, evaluate_samples, samples_grid, summary
 from penrun.app.tasks import gan as gan_task
 from penrun.app.tasks import vae as vae_task
 from penrun.core.conditions import ConditionSampler, balanced_labels, generate, sample_grid, to_uint8
@@ -23,9 +27,11 @@ from penrun.core.metrics import (
     mean_pairwise_distance,
 )
 from penrun.core.penultimate import PenultimateModel
+from penrun.data import ImageData
 from penrun.models import build_classifier
 from penrun.models.generative import hinge_d_loss, hinge_g_loss
 from penrun.train.checkpoint import CHECKPOINT_FORMAT
+from penrun.train.evaluation import predict
 from penrun.train.files import save_torch
 
 from conftest import compose_config, run_task
@@ -196,6 +202,152 @@ def test_each_row_runs_on_digits(
     assert metrics["cond_acc"] == saved["cond_acc"]
     again = run_task(overrides, tmp_path, data_dir)  # a finished run is reused
     assert again["history"] == saved["history"]
+
+
+# ---------------------------------------------------------------- an image folder, any number of classes
+def class_folder(root: Path, classes: list[str], per_split: dict[str, int]) -> Path:
+    """root/<split>/<class>/: 10x10 RGB PNGs whose colour tells the class (its index in `classes`)."""
+    rng = np.random.default_rng(0)
+    for split, count in per_split.items():
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (10, 10, 3)) + np.array([180 * (k == c) for c in range(3)])
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_outputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Three classes made in the order zebra, ant, moth (their labels: sorted, ant moth zebra),
+    8 training and 6 test images each; one output folder, so the evaluator is trained once."""
+    root = tmp_path_factory.mktemp("generation-folder")
+    return class_folder(root / "images", ["zebra", "ant", "moth"], {"train": 8, "test": 6}), root / "outputs"
+
+
+FOLDER_GEN = [
+    "data=folder",
+    "data.image_size=8",
+    "data.workers=0",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=8",
+    "teacher_trainer.max_epochs=1",
+    "evaluator_trainer.max_epochs=1",
+    "net@evaluator=mlp_small",
+    "gen.width=8",
+    "gen.eval_per_class=4",
+    "gen.grid_per_class=5",
+]
+
+
+@pytest.mark.parametrize(("task", "cond"), [("vae", "penultimate"), ("gan", "onehot")])
+def test_vae_and_gan_on_an_image_folder(
+    task: str, cond: str, folder_outputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """data=folder end to end: metrics.json names the folder's classes in label order (sorted,
+    not the order they were made), judges eval_per_class images of each of the 3 classes (all
+    of them in the Frechet distance: 12 of the 18 real test images), and samples.png has one
+    row per class of grid_per_class images. Fails if the class names are left out or unsorted,
+    if the number of classes generated is not the data's, or the grid's rows are not classes."""
+    root, outputs = folder_outputs
+    overrides = [f"task={task}", f"gen.cond={cond}", f"data.root={root}", f"paths.output_dir={outputs}"]
+    metrics = run_task([*overrides, *FOLDER_GEN], tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert (
+        saved["class_names"] == ["ant", "moth", "zebra"] and "3 classes (ant, moth, zebra)" in saved["data"]
+    )
+    assert len(saved["cond_acc_per_class"]) == len(saved["diversity_per_class"]) == 3
+    assert saved["frechet_count"] == 3 * 4 and saved["samples_per_class"] == 4
+    assert all(4 * acc == round(4 * acc) for acc in saved["cond_acc_per_class"])  # 4 images a class
+    assert ("teacher_ckpt" in saved) == (cond == "penultimate") and metrics["cond_acc"] == saved["cond_acc"]
+    # 8x8 images enlarged 4x to 32 pixels, 2 pixels of padding around each
+    with Image.open(tmp_path / "samples.png") as grid:
+        assert grid.size == (5 * 34 + 2, 3 * 34 + 2)
+
+
+def test_generation_refuses_an_unlabeled_folder(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
+    with pytest.raises(
+        ConfigError, match="task=gan generates images of given classes, but flat is unlabeled"
+    ):
+        run_task(
+            ["task=gan", "data=folder", f"data.root={root}", f"paths.output_dir={tmp_path}"], tmp_path / "run"
+        )
+    assert not (tmp_path / "teachers").exists() and not (tmp_path / "evaluators").exists()
+
+
+class ValueReader(torch.nn.Module):
+    """An evaluator of images whose pixels all hold one value: the class whose value is nearest
+    (class y's value is level(y)), the value itself and its spread as the features."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.register_buffer("levels", level(torch.arange(num_classes)) / 127.5 - 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], dim=1)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return -(h[:, :1] - self.levels).abs()
+
+
+def level(y: torch.Tensor) -> torch.Tensor:
+    """The uint8 value that stands for class y (100 classes fit: 2 levels apart)."""
+    return 20 + 2 * y
+
+
+def value_setup(num_classes: int, per_class: int) -> GenerationSetup:
+    """A generation setup of `num_classes` classes of 4x4 grey images: real test images of the
+    class values, one-hot conditions, the ValueReader as the evaluator."""
+    y = balanced_labels(num_classes, per_class)
+    x = level(y).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    data = ImageData("values", x, y, x, y, num_classes, "test", tuple(f"c{k}" for k in range(num_classes)))
+    settings = trainer_settings(compose_config(["task=vae", "trainer.eval_batch_size=64"]))
+    evaluator = ValueReader(num_classes)
+    real_features, _ = predict(evaluator, x, 64, torch.device("cpu"))
+    sampler = ConditionSampler(num_classes)
+    return GenerationSetup(
+        data, settings, 0, x, F.one_hot(y).float(), sampler, None, evaluator, real_features, {}
+    )
+
+
+def value_decoder(shift: int, num_classes: int) -> Generative:
+    """Images of class (y + shift) mod K for a one-hot c of class y (z is ignored)."""
+
+    def decode(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        value = level((c.argmax(1) + shift) % num_classes).float() / 127.5 - 1
+        return value.view(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+
+    return Generative({}, {}, lambda epoch: {}, decode, z_dim=2)
+
+
+@pytest.mark.parametrize("num_classes", [3, 100])
+def test_the_grid_and_the_evaluation_of_any_number_of_classes(num_classes: int) -> None:
+    """A decoder that draws the asked class's value: the grid has one row per class, row k of
+    class k's value; the evaluator finds every class (cond_acc 1 for each of the K), and the
+    fake images are the real ones (Frechet distance 0, over all K x 3). Drawing class y + 1
+    instead fails every class. Fails if the grid's rows or the evaluated classes stop short of K
+    or leave their order (by label)."""
+    setup = value_setup(num_classes, per_class=3)
+    right = value_decoder(0, num_classes)
+    grid = samples_grid(right, setup, per_class=2, seed=1)
+    side = 4 * 7 + 2  # 4x4 images enlarged 7x to 28 pixels, 2 of padding
+    assert grid.shape == (3, num_classes * side + 2, 2 * side + 2)
+    row_values = grid[0, 2 + side // 2 :: side, 2 + side // 2] * 255  # the middle of each row's first image
+    torch.testing.assert_close(row_values, level(torch.arange(num_classes)).float(), atol=1e-3, rtol=0)
+
+    metrics = evaluate_samples(right, setup, per_class=3, seed=0)
+    assert metrics["cond_acc_per_class"] == [1.0] * num_classes and metrics["cond_acc"] == 1.0
+    assert metrics["frechet_count"] == 3 * num_classes and metrics["frechet"] == pytest.approx(0.0, abs=1e-9)
+    assert len(metrics["diversity_per_class"]) == num_classes
+    shifted = evaluate_samples(value_decoder(1, num_classes), setup, per_class=3, seed=0)
+    assert shifted["cond_acc_per_class"] == [0.0] * num_classes
+    assert f"({3}/class" in summary({"task": "vae", "cond": "onehot", "samples_per_class": 3,
+                                     "evaluator_real_acc": 1.0, "diversity_real": 0.0, **metrics})  # fmt: skip
 
 
 def test_generation_experiment_composes() -> None:

@@ -16,11 +16,13 @@ import torchvision
 from PIL import Image
 
 from penrun import PenultimateModel
+from penrun.app.config import classifier_spec
 from penrun.core.statistics import activation_statistics
+from penrun.data import ImageData
 from penrun.models import HookedClassifier, build_classifier, networks
-from penrun.train.checkpoint import load_checkpoint
+from penrun.train.checkpoint import load_checkpoint, load_classifier
 
-from conftest import run_main
+from conftest import compose_config, run_main
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # torchvision's pretrained normalization
 # Digits as a library network takes them: 32x32 RGB, a few hundred images.
@@ -169,6 +171,71 @@ def test_offline_pretrained_weights_name_the_cache_file_to_fill(
         networks.library_weights("timm", "test_vit")
 
 
+def hf_cache_with(cache: Path, repo: str, weights: dict[str, torch.Tensor]) -> None:
+    """A Hugging Face hub cache holding `weights` as the repo's model.safetensors (its layout:
+    models--ORG--NAME/refs/main names the snapshot)."""
+    from safetensors.torch import save_file
+
+    commit = "0" * 40
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, folder / "snapshots" / commit / "model.safetensors"
+    )
+
+
+def test_timm_weights_come_from_the_cache_first_and_fail_fast_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With the hub unreachable (every connection refused) and huggingface_hub's offline switch
+    off: weights in the cache load without a request, and missing ones are refused at once (not
+    after huggingface_hub's ~50 s of retries) naming the cache to fill. Fails if the cache is
+    not tried first (cached weights refused), or if the hub is asked without checking that it
+    answers (the retries: over the time bound)."""
+    import time
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("offline")
+
+    monkeypatch.setattr(networks.socket, "create_connection", refused)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.perf_counter()
+    with pytest.raises(
+        ValueError, match=f"cannot be reached; fill {tmp_path}/hub with timm/test_vit.r160_in1k"
+    ):
+        networks.library_weights("timm", "test_vit")
+    assert time.perf_counter() - start < 5 and constants.HF_HUB_OFFLINE is False  # the switch restored
+    torch.manual_seed(3)
+    weights = networks._create("timm", "test_vit", None).state_dict()
+    hf_cache_with(tmp_path / "hub", "timm/test_vit.r160_in1k", weights)
+    loaded = networks.library_weights("timm", "test_vit")
+    assert loaded.keys() == weights.keys()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def test_the_hub_is_reachable_when_it_or_its_proxy_accepts_a_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local listening socket stands for the hub, then for an https proxy in front of an
+    unresolvable host. Fails if the proxy is ignored or the port is not the endpoint's."""
+    import socket
+
+    for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert networks.hub_reachable(f"http://127.0.0.1:{port}")
+        assert not networks.hub_reachable("https://hub.invalid", timeout=1)
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+        assert networks.hub_reachable("https://hub.invalid", timeout=1)
+    assert not networks.hub_reachable(f"http://127.0.0.1:{port}", timeout=1)  # closed now
+
+
 # ---------------------------------------------------------------- through the command line
 @pytest.fixture(scope="module")
 def resnet_state_dicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -282,7 +349,6 @@ def image_folder(root: Path, classes: int, per_class: int) -> Path:
     return root
 
 
-@pytest.mark.skipif(not Path("/tmp/penrun_markers/folder_ready").exists(), reason="data=folder not ready")
 def test_record_statistics_and_fit_on_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = image_folder(tmp_path / "images", classes=3, per_class=12)
     torch.manual_seed(0)
@@ -300,6 +366,58 @@ def test_record_statistics_and_fit_on_an_image_folder(tmp_path: Path, capsys: py
     assert metrics["posterior_max_abs_diff"] < 1e-4
 
 
+FEW = ["data.limit_train=50", "data.val_size=10"]  # 40 images: the statistics of every class
+
+
+@torch.no_grad()
+def test_imagenet_normalization_of_a_state_dict_trained_elsewhere(
+    resnet_state_dicts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """teacher.normalization=imagenet, no pretrained weights: the penrun checkpoint that
+    record_statistics makes of a bare state_dict gives the plain torchvision module's logits on
+    images normalized by hand as torchvision's recipe does (ToTensor's [0, 1], then Normalize of
+    the ImageNet statistics). At its default (auto: none without pretrained) the images go in as
+    they are and the spec is the one without the key (cached statistics stay found). Fails if
+    the option is ignored, normalizes [-1, 1] images without mapping them to [0, 1] first, or
+    enters the spec at its default."""
+    sd = resnet_state_dicts["resnet18"]
+    module = torchvision.models.resnet18(num_classes=10).eval()
+    module.load_state_dict(torch.load(sd, weights_only=True))
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET)
+    by_hand = module(((x + 1) / 2 - mean) / std)
+    args = ["task=record_statistics", *TORCHVISION_TEACHER, f"teacher_ckpt={sd}", *SMALL, *FEW]
+    out = run_ok([*args, "teacher.normalization=imagenet"], tmp_path, capsys)
+    (line,) = [line for line in out.splitlines() if line.startswith("teacher_ckpt=")]
+    net, ckpt = load_classifier(line.removeprefix("teacher_ckpt="))
+    torch.testing.assert_close(net.eval()(x), by_hand)
+    assert ckpt["classifier"]["normalization"] == IMAGENET
+
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    data = ImageData("rgb", images, torch.zeros(2, dtype=torch.int64), images, torch.zeros(2), 10, "test")
+    spec = classifier_spec(compose_config(["task=fit", *TORCHVISION_TEACHER]), "teacher", data)
+    assert "normalization" not in spec
+    net = build_classifier(**spec)
+    networks.load_weights(net.module, torch.load(sd, weights_only=True))
+    torch.testing.assert_close(net.eval()(x), module(x))
+    assert not torch.allclose(module(x), by_hand)  # the two cases differ
+
+
+def test_named_normalizations_resolve_by_the_weights() -> None:
+    """auto is the pretrained weights' own (timm's test_vit: mean = std = 0.5), none even with
+    pretrained weights, imagenet whatever the weights; grey images cannot take imagenet's."""
+    resolve = networks.input_normalization
+    inception = ([0.5] * 3, [0.5] * 3)
+    assert resolve("auto", source="timm", arch="test_vit", pretrained=True, channels=3) == inception
+    assert resolve("auto", source="timm", arch="test_vit", pretrained=False, channels=3) is None
+    assert resolve("none", source="torchvision", arch="resnet18", pretrained=True, channels=3) is None
+    assert resolve("imagenet", source="timm", arch="test_vit", pretrained=True, channels=3) == IMAGENET
+    with pytest.raises(
+        ValueError, match="normalization=imagenet standardizes images of 3 channels, not of 1"
+    ):
+        resolve("imagenet", source="torchvision", arch="resnet18", pretrained=False, channels=1)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -311,6 +429,11 @@ def test_record_statistics_and_fit_on_an_image_folder(tmp_path: Path, capsys: py
         (["teacher_ckpt=SD", "data.channels=1"], "resnet18 cannot take images of data.channels=1 and data.image_size=32"),
         (["net@teacher=mlp", "teacher.pretrained=true"],
          "teacher.pretrained=true is for torchvision and timm networks: choose one with net@teacher=torchvision|timm"),
+        (["net@teacher=mlp", "teacher.normalization=imagenet"],
+         "teacher.normalization=imagenet is for torchvision and timm networks"),
+        (["teacher_ckpt=SD", "teacher.normalization=cifar"], "teacher.normalization='cifar' is invalid; valid: auto, none, imagenet"),
+        (["teacher_ckpt=SD", "teacher.normalization=imagenet", "data.channels=1"],
+         "teacher.normalization=imagenet standardizes images of 3 channels, not of 1"),
         (["task=vae", "net@teacher=mlp", "net@evaluator=torchvision", "evaluator.arch=resnet19"],
          "evaluator.arch='resnet19' is not a torchvision classifier"),  # before the teacher is trained
         (["net@student=torchvision", "student.pretrained=true", "teacher_ckpt=SD", "task=distill"],

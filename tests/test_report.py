@@ -1,5 +1,5 @@
-"""task=report and the results it reads (penrun.app.results): a tiny real sweep with an
-interrupted run, and hand-made run folders whose expected tables come from numpy and scipy."""
+"""task=report: a tiny real sweep with an interrupted run, and hand-made run folders whose
+expected tables come from numpy and scipy (penrun.app.results on its own: tests/test_results.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 from scipy import stats
 
 from penrun.app.errors import ConfigError
-from penrun.app.results import mean_std
 
 from conftest import run_main, run_task
 
@@ -47,13 +46,6 @@ def paired_cell(mine: list[float], base: list[float]) -> str:
 
 def cell(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
-
-
-def test_mean_std_is_the_mean_and_the_sample_std_over_seeds() -> None:
-    values = [0.4, 0.6, 0.65]
-    mean, std = mean_std(values)
-    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
-    assert mean_std([0.5]) == (0.5, None) and mean_std([]) == (None, None)
 
 
 def test_report_of_a_sweep_with_a_missing_run(
@@ -173,7 +165,9 @@ def test_a_row_with_two_runs_of_one_seed_cannot_be_paired(tmp_path: Path) -> Non
     for tau in (1, 4):
         write_run(tmp_path / "s" / f"kd-{tau}", 0, {"method": "kd", "tau": tau}, transfer_acc=0.7 + tau / 100)
     write_run(tmp_path / "s" / "ce", 0, {"method": "ce"}, transfer_acc=0.6)
-    with pytest.raises(ConfigError, match=r"report.baseline='ce': two runs with seed 0: .*kd-1 and .*kd-4"):
+    refusal = (r"^report.baseline='ce': two runs with seed 0: \S*kd-1 and \S*kd-4; the key that tells them "
+               r"apart belongs in report.rows or report.columns$")  # fmt: skip
+    with pytest.raises(ConfigError, match=refusal):
         report(tmp_path / "s", "report.rows=[method]", "report.values=[transfer_acc]", "report.baseline=ce")
 
 
@@ -287,8 +281,8 @@ def named_rows_sweep(sweep: Path) -> None:
 
 
 def test_a_baseline_row_is_named_as_a_user_names_it(tmp_path: Path) -> None:
-    """'kd' names the row 'kd none' (the only row with the word kd), as does 'kd none', and 'ce'
-    the row 'ce none' (not 'ce+kd none'); 'st' names two rows and is refused with them; a name no
+    """'kd' names the row 'kd none' (the only row with the word kd), as do 'kd none' and 'none kd',
+    and 'ce' the row 'ce none' (not 'ce+kd none'); 'st' names two rows and is refused with them; a name no
     row has is refused with the rows."""
     named_rows_sweep(tmp_path / "s")
     layout = ["report.rows=[method,vmf]", "report.values=[transfer_acc]"]
@@ -297,6 +291,8 @@ def test_a_baseline_row_is_named_as_a_user_names_it(tmp_path: Path) -> None:
     assert "| st | w/m x1 | +0.1500 [+0.1500, +0.1500] (n=2) |" in by_name
     by_label = report(tmp_path / "s", *layout, "report.baseline=kd none")
     assert by_label.replace("kd none", "kd") == by_name
+    by_all_words = report(tmp_path / "s", *layout, "report.baseline=none kd")  # every word, another order
+    assert by_all_words.replace("none kd", "kd") == by_name
     by_word = report(tmp_path / "s", *layout, "report.baseline=ce")  # a word: not the 'ce' in 'ce+kd'
     assert "| kd | none | +0.1000 [+0.1000, +0.1000] (n=2) |" in by_word
     by_value = report(tmp_path / "s", *layout, "report.baseline=w/w")  # the row 'st w/w x1'
@@ -391,6 +387,10 @@ def test_helper_classifiers_and_moved_runs_are_left_out_and_unfinished_ones_list
          r"labels$"),
         ("report.rows=[metod]",
          r"^report.rows names 'metod', which no run has; named fields and keys that vary: method, distill.tau$"),
+        ("report.columns=[labelz]",
+         r"^report.columns names 'labelz', which no run has; named fields and keys that vary: method, distill.tau$"),
+        ("report.choose=[taus]",
+         r"^report.choose names 'taus', which no run has; named fields and keys that vary: method, distill.tau$"),
         ("report.curve=val_acc",
          r"^report.curve='val_acc' is in no run's history; metrics per epoch: transfer_acc$"),
     ],
@@ -449,26 +449,99 @@ def test_report_defaults_rows_by_method_constants_in_a_header_and_curves(
 def test_curves_per_row_with_a_band_where_seeds_spread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A line per row over epochs 1..n, labelled by the row's values; a band (of the line's
-    colour, though an earlier row had none) only where a row has more than one seed."""
+    """The metric report.curve names (not the first with a history), a line per row over epochs
+    1..n with a point per epoch, labelled by the row's values, on axes named by epoch and metric;
+    a see-through band (of the line's colour, though an earlier row had none) only where a row
+    has more than one seed."""
     runs = {
         ("kd", "none", 0): [0.25, 0.5, 0.75],
         ("kd", "none", 1): [0.5, 0.5, 0.5],
         ("ce", "w x1", 0): [0.125] * 3,
     }
     for (method, vmf, seed), curve in runs.items():
-        history = [{"epoch": e, "acc": acc} for e, acc in enumerate(curve, 1)]
+        history = [{"epoch": e, "acc": acc, "loss": 1 - acc} for e, acc in enumerate(curve, 1)]
         write_run(
             tmp_path / "s" / f"{method}-{seed}", seed, method=method, vmf=vmf, acc=curve[-1], history=history
         )
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    report(tmp_path / "s", "report.rows=[method,vmf]")
+    report(tmp_path / "s", "report.rows=[method,vmf]", "report.curve=loss")
     (ax,) = figures[0].axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "loss")
     assert [line.get_label() for line in ax.lines] == ["ce / w x1", "kd / none"]
+    assert [line.get_marker() for line in ax.lines] == [".", "."]
     assert [list(line.get_xdata()) for line in ax.lines] == [[1, 2, 3], [1, 2, 3]]
-    assert list(ax.lines[1].get_ydata()) == pytest.approx([0.375, 0.5, 0.625])
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([0.875] * 3)
+    assert list(ax.lines[1].get_ydata()) == pytest.approx([0.625, 0.5, 0.375])
     (band,) = ax.collections
+    assert 0 < band.get_alpha() <= 0.25  # the lines stay visible through it
     assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(
         matplotlib.colors.to_rgb(ax.lines[1].get_color())
     )
+
+
+def test_a_column_group_a_row_lacks_is_a_blank_cell_and_no_pair(tmp_path: Path) -> None:
+    """ce (the baseline) ran on mnist only, st on usps only, kd on both: a cell of no runs is '-',
+    and a pair needs both rows in the column group; the paired table sits under its caption."""
+    accs = {
+        ("ce", "mnist"): [0.90, 0.93],
+        ("kd", "mnist"): [0.91, 0.97],
+        ("kd", "usps"): [0.58, 0.56],
+        ("st", "usps"): [0.50, 0.55],
+    }
+    for (method, transfer), values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path / "s" / f"{method}-{transfer}-{seed}", seed, {"method": method},
+                      transfer=transfer, transfer_acc=acc)  # fmt: skip
+    text = report(
+        tmp_path / "s", "report.rows=[method]", "report.columns=[transfer]", "report.values=[transfer_acc]",
+        "report.baseline=ce",
+    )  # fmt: skip
+    kd = paired_cell(accs[("kd", "mnist")], accs[("ce", "mnist")])
+    assert text.endswith(
+        f"| ce | 2 | {cell(accs[('ce', 'mnist')])} | - |\n"
+        f"| kd | 4 | {cell(accs[('kd', 'mnist')])} | {cell(accs[('kd', 'usps')])} |\n"
+        f"| st | 2 | - | {cell(accs[('st', 'usps')])} |\n"
+        "\n"
+        "Paired differences to `ce` over shared seeds: mean [95 % CI, paired t] (n pairs).\n"
+        "\n"
+        "| method | mnist transfer_acc - ce | usps transfer_acc - ce |\n"
+        "|---|---|---|\n"
+        f"| kd | {kd} | - |\n"
+        "| st | - | - |\n"
+    )
+
+
+def test_a_search_over_two_keys_chooses_the_best_pair_of_values(tmp_path: Path) -> None:
+    """The best setting of (tau, lr) together, neither the first in natural order nor made of the
+    best tau on average (1: 0.6875 against 0.5625): tau 4 with lr 0.01."""
+    means = {(1.0, 0.01): 0.625, (1.0, 0.1): 0.75, (4.0, 0.01): 0.875, (4.0, 0.1): 0.25}
+    for (tau, lr), val in means.items():
+        for seed, spread in enumerate((-0.0625, 0.0625)):
+            config = {"method": "kd", "distill": {"tau": tau}, "lr": lr}
+            write_run(
+                tmp_path / "s" / f"{tau}-{lr}-{seed}", seed, config, method="kd", best_val_acc=val + spread
+            )
+    text = report(
+        tmp_path / "s", "report.rows=[method,distill.tau,lr]", "report.values=[best_val_acc]",
+        "report.choose=[distill.tau,lr]",
+    )  # fmt: skip
+    assert read_csv(tmp_path / "s" / "chosen.csv") == [
+        ["method", "distill.tau", "lr", "mean best_val_acc", "runs"],
+        ["kd", "4.0", "0.01", "0.8750", "2"],
+    ]
+    assert "the setting of `distill.tau`, `lr` with the highest mean `best_val_acc`." in text
+
+
+def test_default_values_leave_out_teachers_and_shared_numbers_and_stop_at_eight(tmp_path: Path) -> None:
+    """Runs that differ only in their seed: one row, named by the task; the columns are the first
+    eight numbers the runs write, without the teacher's metrics and the size they share."""
+    for seed in (0, 1):
+        metrics = {f"m{i}": i + seed / 4 for i in range(1, 10)}
+        write_run(tmp_path / "s" / f"{seed}", seed, {"task": {"name": "distill"}}, teacher_acc=0.5 + seed / 4,
+                  size=1437, **metrics)  # fmt: skip
+    report(tmp_path / "s")
+    header, *lines = read_csv(tmp_path / "s" / "report.csv")
+    assert header[:2] == ["task.name", "runs"]
+    assert header[2::2] == [f"m{i} mean" for i in range(1, 9)]
+    assert [line[:2] for line in lines] == [["distill", "2"]]

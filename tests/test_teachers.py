@@ -6,13 +6,20 @@ import dataclasses
 import hashlib
 import json
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torchvision
 from omegaconf import DictConfig, OmegaConf
 
-from penrun.app import schema
+from penrun.app import schema, teachers
+from penrun.app.errors import ConfigError
 from penrun.app.teachers import teacher_identity
+from penrun.data import ImageData
+from penrun.models import build_classifier
+from penrun.train.files import save_torch
 
 from conftest import compose_config
 
@@ -119,3 +126,230 @@ def test_teachers_cached_by_penrun_0_2_stay_found(overrides: list[str], folder_d
     identity = teacher_identity(compose_config(overrides))
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     assert digest == folder_digest
+
+
+# ---------------------------------------------------------------- cached, given and library teachers
+def tiny_digits(n_train: int = 40, classes: int = 10, size: int = 8, channels: int = 1) -> ImageData:
+    """Random images shaped like digits (8x8, one channel), every class present."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n_train, channels, size, size), dtype=torch.uint8, generator=g)
+    y = torch.arange(n_train) % classes
+    return ImageData("digits", x, y, x[:20].clone(), y[:20].clone(), classes, "test")
+
+
+def tiny_teacher_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
+    return compose_config(
+        [
+            "task=distill",
+            f"paths.output_dir={tmp_path}",
+            "teacher_trainer.max_epochs=1",
+            "teacher_trainer.progress=false",
+            "data.val_size=10",
+            *overrides,
+        ]
+    )
+
+
+def sha1_10(identity: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def test_a_teacher_is_trained_once_into_the_folder_of_its_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no teacher_ckpt the teacher is trained into teachers/<data>-<arch>-seed<N>-<the first
+    10 hex digits of the SHA-1 of its identity's sorted JSON>, on the training split less
+    data.val_size (30 of 40 images), and found there the second time without training; another
+    teacher_seed is another folder. Fails if the folder's name or key changes, if the validation
+    images are trained on, or if a cached teacher is trained again."""
+    cfg, data = tiny_teacher_cfg(tmp_path), tiny_digits()
+    model, ckpt, path = teachers.obtain_classifier(cfg, data)
+    folder = tmp_path / "teachers" / f"digits-mlp-seed0-{sha1_10(teacher_identity(cfg))}"
+    assert path == folder / "checkpoints" / "last.pt" and path.is_file()
+    assert ckpt["epoch"] == 1 and ckpt["classifier"]["num_classes"] == 10
+    assert ckpt["activation_stats"]["count"].sum() == 30  # the statistics of the 30 trained on
+    assert model.head.weight.shape[0] == 10 and not model.training
+    stored = json.loads((folder / "metrics.json").read_text())
+    assert stored["status"] == "complete" and stored["config"] == teacher_identity(cfg)
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a cached teacher was trained again")
+
+    monkeypatch.setattr(teachers, "train_and_record", no_training)
+    again = teachers.obtain_classifier(cfg, data)
+    assert again[2] == path and torch.equal(again[0].head.weight, model.head.weight)
+    other = tiny_teacher_cfg(tmp_path, "teacher_seed=3")
+    with pytest.raises(AssertionError, match="trained again"):
+        teachers.obtain_classifier(other, data)
+
+
+def test_a_given_checkpoint_or_run_folder_is_loaded_and_must_fit_the_data(tmp_path: Path) -> None:
+    """teacher_ckpt names a penrun checkpoint, or a run folder standing for its last.pt; a folder
+    without one, and a checkpoint of other images or classes, are refused naming what differs.
+    Fails if the folder's last.pt is not the one read, or if a mismatch passes."""
+    torch.manual_seed(0)
+    spec = {"arch": "mlp", "channels": 1, "image_size": 8, "num_classes": 10, "penultimate_dim": 16}
+    net = build_classifier(**spec)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_torch(run / "checkpoints" / "last.pt", teachers.classifier_checkpoint(spec, net, {}, {"made": 1}))
+    for given in (run, run / "checkpoints" / "last.pt"):
+        model, ckpt, path = teachers.obtain_classifier(
+            tiny_teacher_cfg(tmp_path, f"teacher_ckpt={given}"), tiny_digits()
+        )
+        assert path == run / "checkpoints" / "last.pt" and ckpt["made_from"] == '{"made": 1}'
+        assert torch.equal(model.head.weight, net.head.weight)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        ConfigError, match=r"^teacher_ckpt='.*empty' is a folder without checkpoints/last.pt: pass"
+    ):
+        teachers.obtain_classifier(tiny_teacher_cfg(tmp_path, f"teacher_ckpt={empty}"), tiny_digits())
+    wide = tiny_digits(classes=4, size=6, channels=3)
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher checkpoint '.*last.pt' does not fit the data: num_classes 10 \(data digits: 4\), "
+        r"channels 1 \(data digits: 3\), image_size 8 \(data digits: 6\)\. Use a teacher trained on this data",
+    ):
+        teachers.obtain_classifier(tiny_teacher_cfg(tmp_path, f"teacher_ckpt={run}"), wide)
+
+
+def test_penultimate_model_takes_the_vmf_options_and_names_the_fix_for_missing_statistics() -> None:
+    """A cosine head of scale 16: kappa_k = 16 x kappa_scale; direction, kappa and radius reach
+    the model. A linear head without recorded statistics is a ConfigError naming the checkpoint
+    and the record_statistics command. Fails if an option is dropped or the hint is lost."""
+    torch.manual_seed(0)
+    cosine = build_classifier("mlp", channels=1, image_size=8, num_classes=10, penultimate_dim=16)
+    vmf = OmegaConf.create(
+        {"radius": "fixed", "kappa": "weights", "kappa_scale": 2.5, "direction": "weights"}
+    )
+    model = teachers.penultimate_model(cosine, {}, "t.pt", vmf)
+    assert torch.allclose(model.kappa, torch.full((10,), 40.0))
+    assert teachers.vmf_record(vmf, model) == {
+        "vmf": "weights/weights x2.5",
+        "vmf_mean_kappa": pytest.approx(40.0),
+    }
+    assert teachers.vmf_record(vmf, None) == {"vmf": "none"}
+    for key, bad in (("kappa", "fitted"), ("direction", "class_mean")):
+        with pytest.raises(ConfigError, match=r"^teacher checkpoint 't.pt' cannot define p\(a \| y\): "):
+            teachers.penultimate_model(cosine, {}, "t.pt", OmegaConf.merge(vmf, {key: bad}))
+    linear = build_classifier(
+        "mlp", channels=1, image_size=8, num_classes=10, penultimate_dim=16, head="linear"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher checkpoint 'dir/t.pt' cannot define p\(a \| y\): .*activation_stats.*; record them with: "
+        r"penrun task=record_statistics teacher_ckpt='dir/t.pt' data=<its training data>$",
+    ):
+        teachers.penultimate_model(linear, {}, Path("dir/t.pt"), vmf)
+
+
+def test_checkpoint_files_their_hash_and_their_kind(tmp_path: Path) -> None:
+    """file_sha256 is hashlib's over a file of several 1 MiB blocks; a penrun checkpoint is told
+    from a bare state_dict; classifier_checkpoint holds the spec (without pretrained), the
+    weights, the statistics and the identity as sorted JSON; check_classes names both counts.
+    Fails if a block is skipped, the format is not checked, or a field is dropped."""
+    blob = tmp_path / "blob"
+    data = bytes(range(256)) * (3 * 4096 + 7)
+    blob.write_bytes(data)
+    assert teachers.file_sha256(blob) == hashlib.sha256(data).hexdigest()
+    net = build_classifier("mlp", channels=1, image_size=8, num_classes=10, penultimate_dim=16)
+    spec = {"arch": "mlp", "pretrained": True}
+    stats = {"count": torch.ones(10)}
+    ckpt = teachers.classifier_checkpoint(spec, net, stats, {"b": 1, "a": [2]})
+    assert ckpt["format"] == "penrun-checkpoint-v2" and ckpt["epoch"] == 0
+    assert ckpt["classifier"] == {"arch": "mlp", "pretrained": False} and spec["pretrained"] is True
+    assert ckpt["modules"]["model"].keys() == net.state_dict().keys() and ckpt["activation_stats"] is stats
+    assert ckpt["made_from"] == '{"a": [2], "b": 1}'
+    save_torch(tmp_path / "penrun.pt", ckpt)
+    torch.save(net.state_dict(), tmp_path / "bare.pt")
+    torch.save({**ckpt, "format": "other"}, tmp_path / "other.pt")
+    assert teachers.is_penrun_checkpoint(tmp_path / "penrun.pt")
+    assert not teachers.is_penrun_checkpoint(tmp_path / "bare.pt")
+    assert not teachers.is_penrun_checkpoint(tmp_path / "other.pt")
+    teachers.check_classes(10, tiny_digits(), "x")
+    with pytest.raises(
+        ConfigError, match=r"^net has 7 classes, the data digits 10: use the data the network was trained on$"
+    ):
+        teachers.check_classes(7, tiny_digits(), "net")
+
+
+def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A torchvision ResNet-18's bare state_dict: its weights in a penrun checkpoint under
+    statistics/<data>-<arch>-<SHA-1 of its identity>.pt, with the statistics of the 30 training
+    images left after data.val_size=10; the identity holds the file's SHA-256, the spec and the
+    data node. Found there the second time; a head of other classes, weights of another network
+    and the library's own 1000-class weights are refused in one line. Fails if the identity or
+    the cache key loses a part, the weights are not loaded, or a wrong file passes."""
+    torch.manual_seed(0)
+    paths = {name: tmp_path / f"{name}.pt" for name in ("resnet18", "seven", "resnet34")}
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), paths["resnet18"])
+    # Hand-made state_dicts: a head of 7 classes, and weights of another network with 10.
+    torch.save({"fc.weight": torch.zeros(7, 512), "fc.bias": torch.zeros(7)}, paths["seven"])
+    torch.save({"fc.weight": torch.zeros(10, 512), "stem.weight": torch.zeros(3)}, paths["resnet34"])
+    library = ["net@teacher=torchvision", "teacher.arch=resnet18"]
+    data = tiny_digits(channels=3, size=32)
+    cfg = tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={paths['resnet18']}")
+    model, ckpt, path = teachers.obtain_classifier(cfg, data)
+    identity = json.loads(ckpt["made_from"])
+    assert path == tmp_path / "statistics" / f"digits-resnet18-{sha1_10(identity)}.pt"
+    assert identity["weights"] == f"sha256:{hashlib.sha256(paths['resnet18'].read_bytes()).hexdigest()}"
+    assert identity["data"] == OmegaConf.to_container(cfg.data, resolve=True)
+    assert identity["spec"]["arch"] == "resnet18" and identity["spec"]["num_classes"] == 10
+    assert ckpt["activation_stats"]["count"].sum() == 30
+    state = torch.load(paths["resnet18"])
+    loaded = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+    def no_statistics(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the statistics were computed again")
+
+    monkeypatch.setattr(teachers, "statistics_of", no_statistics)
+    assert teachers.obtain_classifier(cfg, data)[2] == path
+    refusals = {
+        f"teacher_ckpt={paths['seven']}": r"^teacher_ckpt='.*seven.pt' \(head fc\) has 7 classes, the data digits 10",
+        f"teacher_ckpt={paths['resnet34']}": r"^teacher_ckpt='.*resnet34.pt' does not fit teacher.arch=resnet18: ",
+        "teacher.pretrained=true": r"^teacher.pretrained=true \(torchvision's resnet18\) has 1000 classes, the data "
+        r"digits 10: use the data the network was trained on$",
+    }
+    for override, message in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            teachers.obtain_classifier(tiny_teacher_cfg(tmp_path, *library, override), data)
+
+
+def test_a_teachers_test_accuracy_is_computed_once_per_checkpoint_and_test_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accuracy on a test split is stored in teachers/test_accuracy/<the first 16 hex digits of
+    the checkpoint file's SHA-256>.json, keyed by the split's images and labels: read back the
+    second time, computed again for other labels or another checkpoint file, and never stored
+    for a split streamed from disk. Fails if the key ignores the labels, the images or the file,
+    or if a stored score is not the one read back."""
+    data = tiny_digits()
+    ckpt = tmp_path / "t.pt"
+    ckpt.write_bytes(b"teacher one")
+    calls: list[str] = []
+
+    def scored(teacher: Any, split: ImageData, settings: Any) -> float:
+        calls.append(split.name)
+        return len(calls) / 10
+
+    monkeypatch.setattr(teachers, "test_accuracy", scored)
+    out = tmp_path / "out"
+    first = teachers.cached_test_accuracy(None, ckpt, data, None, out)
+    assert first == 0.1 and teachers.cached_test_accuracy(None, ckpt, data, None, out) == 0.1
+    stored = out / "teachers" / "test_accuracy" / f"{hashlib.sha256(b'teacher one').hexdigest()[:16]}.json"
+    assert list(json.loads(stored.read_text()).values()) == [0.1]
+    relabelled = dataclasses.replace(data, y_test=(data.y_test + 1) % 10)
+    redrawn = dataclasses.replace(data, x_test=255 - data.x_test)
+    assert teachers.cached_test_accuracy(None, ckpt, relabelled, None, out) == 0.2
+    assert teachers.cached_test_accuracy(None, ckpt, redrawn, None, out) == 0.3
+    assert teachers.cached_test_accuracy(None, ckpt, data, None, out) == 0.1
+    assert len(json.loads(stored.read_text())) == 3
+    ckpt.write_bytes(b"teacher two")
+    assert teachers.cached_test_accuracy(None, ckpt, data, None, out) == 0.4
+    streamed = dataclasses.replace(data, x_test=list(data.x_test))
+    assert [teachers.cached_test_accuracy(None, ckpt, streamed, None, out) for _ in range(2)] == [0.5, 0.6]
+    assert len(list(stored.parent.glob("*.json"))) == 2

@@ -22,7 +22,7 @@ from penrun.app.schema import IDENTITY_DEFAULTS, RUNTIME_KEYS, check_values
 from penrun.data import ImageData, hold_out, load_dataset, load_folder, match_classes, subset
 from penrun.errors import InputError
 from penrun.models import build_classifier
-from penrun.models.networks import check_arch, library_spec, library_weights, pretrained_info
+from penrun.models.networks import check_arch, input_normalization, library_spec, library_weights
 from penrun.train import distributed
 from penrun.train.devices import keep_freed_memory, resolve_device, set_threads
 from penrun.train.files import atomic_write
@@ -166,10 +166,18 @@ def classifier_spec(cfg: DictConfig, node: str, data: ImageData) -> dict[str, An
         return spec
     spec = dict(source=net_cfg.source, arch=net_cfg.arch, **shape, head_layer=net_cfg.head_layer)
     with network_keys(node):
+        normalization = input_normalization(
+            net_cfg.normalization,
+            source=net_cfg.source,
+            arch=net_cfg.arch,
+            pretrained=net_cfg.pretrained,
+            channels=data.channels,
+        )
         if net_cfg.pretrained:  # into the library's cache now: offline, refused before any training
-            _, normalization = pretrained_info(net_cfg.source, net_cfg.arch)
             library_weights(net_cfg.source, net_cfg.arch)
-            spec |= dict(pretrained=True, normalization=normalization)
+            spec |= dict(pretrained=True)
+        if normalization is not None:  # none (the default without pretrained) leaves the spec as before
+            spec |= dict(normalization=normalization)
         net = build_classifier(**(spec | {"pretrained": False}))
     return spec | library_spec(net)
 
@@ -184,10 +192,15 @@ def check_networks(cfg: DictConfig) -> None:
         net_cfg = cfg.get(node)
         if net_cfg is None:
             continue
-        if net_cfg.source == "penrun" and (net_cfg.pretrained or net_cfg.head_layer is not None):
-            option = "pretrained=true" if net_cfg.pretrained else f"head_layer={net_cfg.head_layer}"
+        library_only = {
+            "pretrained": "true" if net_cfg.pretrained else None,
+            "head_layer": net_cfg.head_layer,
+            "normalization": None if net_cfg.normalization in ("auto", "none") else net_cfg.normalization,
+        }
+        given = [f"{key}={value}" for key, value in library_only.items() if value is not None]
+        if net_cfg.source == "penrun" and given:
             raise ConfigError(
-                f"{node}.{option} is for torchvision and timm networks: choose one with "
+                f"{node}.{given[0]} is for torchvision and timm networks: choose one with "
                 f"net@{node}=torchvision|timm {node}.arch=NAME"
             )
         with network_keys(node):
@@ -197,7 +210,7 @@ def check_networks(cfg: DictConfig) -> None:
 @contextmanager
 def network_keys(node: str) -> Iterator[None]:
     """Library errors about a network node's arguments in the words of its config keys."""
-    names = ("source", "arch", "pretrained", "penultimate_dim")
+    names = ("source", "arch", "pretrained", "penultimate_dim", "normalization")
     keys = {name: f"{node}.{name}" for name in names}
     with config_keys(**keys, head=f"{node}.head_layer", head_layer=f"{node}.head_layer",
                      image_size="data.image_size", channels="data.channels"):  # fmt: skip

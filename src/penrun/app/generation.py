@@ -107,6 +107,11 @@ def training_conditions(
 def prepare(cfg: DictConfig, settings: TrainerSettings) -> GenerationSetup:
     data = load_data(cfg)
     log.info(data.describe())
+    if not data.labelled:
+        raise ConfigError(
+            f"task={cfg.task.name} generates images of given classes, but {data.name} is unlabeled (a flat "
+            "folder of images): give data.root a folder of class folders"
+        )
     teacher, sampler, info = condition_sampler(cfg, data)
     evaluator, _, eval_path = obtain_classifier(
         cfg,
@@ -155,19 +160,11 @@ def run_generation(
             module.train()
         return model.train_epoch(epoch)
 
-    def evaluate_full(seed: int) -> dict[str, Any]:
-        features, logits = evaluator_outputs(seed)
-        return generation_metrics(features, logits, labels, setup.real_features, k, seed)
-
-    def evaluator_outputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        fake = sample_images(model, setup, labels, seed)
-        return predict(setup.evaluator, fake, settings.eval_batch_size, settings.device)
-
     # The curve and the best epoch need cond_acc alone; the Frechet distance and diversity
     # are measured once, after training.
     def evaluate(epoch: int) -> dict[str, float]:
         start = time.perf_counter()
-        _, logits = evaluator_outputs(cfg.seed)
+        _, logits = evaluator_outputs(model, setup, labels, cfg.seed)
         accs = class_accuracies(logits, labels, k)
         grid = samples_grid(model, setup, options.grid_per_class, cfg.seed + 1)
         folder.writer.add_image("samples", grid, epoch)
@@ -186,8 +183,11 @@ def run_generation(
     metrics = {
         "task": cfg.task.name,
         "cond": options.cond,
-        **evaluate_full(cfg.seed),
+        **evaluate_samples(model, setup, options.eval_per_class, cfg.seed),
         "samples_per_class": options.eval_per_class,
+        "data": setup.data.describe(),
+        # the classes of the per-class lists, in their order (an image folder's: its folders, sorted)
+        "class_names": list(setup.data.class_names),
         **setup.info,
         "epoch_time": sum(row["epoch_time"] for row in history) / len(history),
         "history": history,
@@ -199,6 +199,23 @@ def run_generation(
     folder.close()
     log.info(f"{summary(metrics)} -> {folder.dir}")
     return metrics
+
+
+def evaluator_outputs(
+    model: Generative, setup: GenerationSetup, labels: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluator's penultimate features and logits of images generated for `labels`."""
+    fake = sample_images(model, setup, labels, seed)
+    return predict(setup.evaluator, fake, setup.settings.eval_batch_size, setup.settings.device)
+
+
+def evaluate_samples(model: Generative, setup: GenerationSetup, per_class: int, seed: int) -> dict[str, Any]:
+    """The evaluator's judgement of `per_class` images generated for each class of the data
+    (conditional accuracy, Frechet distance to the real test images, diversity)."""
+    k = setup.data.num_classes
+    labels = balanced_labels(k, per_class)
+    features, logits = evaluator_outputs(model, setup, labels, seed)
+    return generation_metrics(features, logits, labels, setup.real_features, k, seed)
 
 
 def sample_images(model: Generative, setup: GenerationSetup, labels: torch.Tensor, seed: int) -> torch.Tensor:

@@ -108,6 +108,12 @@ class NetConfig:
     # nn.Linear (null: the last nn.Linear whose outputs are the logits).
     pretrained: bool = False
     head_layer: str | None = None
+    # torchvision and timm: what the weights expect of [0, 1] images. auto: the pretrained
+    # weights' own with pretrained=true, else none (penrun's images in [-1, 1]); imagenet: the
+    # usual torchvision recipe's mean and std, for a state_dict trained with it elsewhere.
+    normalization: str = choices(
+        "auto", Names("penrun.models.networks", "NORMALIZATIONS", before=("auto", "none"))
+    )
     width: float = above(1.0, 0.0, high=64.0)
     penultimate_dim: int = at_least(64, 2, high=8192)
     # cosine (kappa = scale for every class) | linear (kappa = |h| |w_k|)
@@ -178,6 +184,15 @@ class LossWeights:
     smooth: float = weight()
 
 
+def protocol_held_out(labels: Any) -> str:
+    """distill.held_out's default: class-balanced with transfer labels, drawn without them in
+    the unlabeled protocol (which must never read a transfer label)."""
+    return "seeded" if labels in (None, "none") else "balanced"
+
+
+OmegaConf.register_new_resolver("penrun_held_out", protocol_held_out, replace=True)
+
+
 @dataclass
 class DistillConfig:
     labels: Any = "none"  # none (unlabeled transfer set) | all | N labelled examples per class
@@ -188,6 +203,15 @@ class DistillConfig:
     # Dirichlet concentration = beta * class similarity of the teacher's weights
     dirichlet_beta: float = above(1.0, 0.0, high=1e6)
     val_per_class: int = at_least(10, 1, high=10**6)
+    # The protocol's test split is scored every N epochs and at the last one, and at the epoch
+    # chosen on validation (from best.pt, after training): on a CPU, scoring 10k CIFAR images
+    # every epoch costs more than training on 10 labels per class.
+    test_every: int = at_least(1, 1, high=10**6)
+    # The held-out transfer images that choose the epoch (the same for every seed): balanced =
+    # val_per_class of each class, by their labels; seeded = val_per_class x the teacher's
+    # classes, drawn without reading a label. Runs stored before the key held out balanced sets
+    # in both protocols (IDENTITY_DEFAULTS): an unlabeled one of them is another config.
+    held_out: str = choices("${penrun_held_out:${distill.labels}}", ("balanced", "seeded"))
 
 
 @dataclass
@@ -340,7 +364,10 @@ def _field_defaults(schema: type, prefix: str = "") -> dict[str, Any]:
 
 # What a stored run config that lacks a key meant by it (train/run_folder.py: config_difference):
 # a key added to the schema after the run holds its default, a retired key its last value.
-IDENTITY_DEFAULTS: dict[str, Any] = _field_defaults(PenrunConfig) | RETIRED_KEYS
+# distill.held_out: how every run stored before the key held out its validation images.
+IDENTITY_DEFAULTS: dict[str, Any] = (
+    _field_defaults(PenrunConfig) | RETIRED_KEYS | {"distill.held_out": "balanced"}
+)
 
 
 def check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:

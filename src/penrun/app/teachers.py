@@ -34,7 +34,8 @@ from penrun.models.networks import head_classes, load_weights, pretrained_info
 from penrun.train import distributed
 from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_classifier, load_state_dict, read_weights_only
 from penrun.train.classifier import statistics_of, train_and_record
-from penrun.train.files import exclusive_lock, save_torch
+from penrun.train.evaluation import test_accuracy
+from penrun.train.files import exclusive_lock, save_json, save_torch
 from penrun.train.loop import TrainerSettings
 from penrun.train.run_folder import RunFolder, made_by
 
@@ -194,7 +195,11 @@ LIBRARY_KEYS = ("source", "pretrained", "head_layer")
 # Keys that joined the schema after teachers were first cached, by the node of the identity they
 # sit in: left out while they hold their default (which trains as before), so the teachers cached
 # then stay found.
-ADDED_KEYS = {"data": ("root", "test_fraction", "skip_corrupt"), "trainer": ("precision",)}
+ADDED_KEYS = {
+    "data": ("root", "test_fraction", "skip_corrupt"),
+    "trainer": ("precision",),
+    "teacher": ("normalization",),
+}
 
 
 def teacher_identity(
@@ -294,3 +299,25 @@ def cache_lock(folder: Path) -> Iterator[None]:
         return
     with exclusive_lock(folder.parent / f".{folder.name}.lock", wait=True):
         yield
+
+
+def cached_test_accuracy(
+    teacher: Classifier, teacher_path: Path, data: ImageData, settings: TrainerSettings, output_dir: Path
+) -> float:
+    """A frozen teacher's accuracy on a test split, computed once per (checkpoint content,
+    test images and labels) and kept in `output_dir/teachers/test_accuracy/`: every run of a
+    sweep reports it, and on a CPU scoring 20k CIFAR images took longer than training a
+    student on 100. Keyed by content hashes, so a changed file or shift never reads a stale
+    score. Streamed test splits (an image folder) are scored every time."""
+    if not isinstance(data.x_test, torch.Tensor):
+        return test_accuracy(teacher, data, settings)
+    split = hashlib.sha256(data.x_test.numpy().tobytes())
+    split.update(data.y_test.numpy().tobytes())
+    path = output_dir / "teachers" / "test_accuracy" / f"{file_sha256(teacher_path)[:16]}.json"
+    with exclusive_lock(path.with_suffix(".lock"), wait=True):
+        scores = json.loads(path.read_text()) if path.exists() else {}
+        key = split.hexdigest()[:16]
+        if key not in scores:
+            scores[key] = test_accuracy(teacher, data, settings)
+            save_json(path, scores)
+    return scores[key]

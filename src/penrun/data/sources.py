@@ -229,6 +229,8 @@ def _read_npz(path: Path) -> Arrays:
                     f"{path} lacks keys {missing}: an npz dataset needs {list(NPZ_KEYS)}, found {f.files}"
                 )
             return tuple(f[k] for k in NPZ_KEYS)
+    except InputError:  # (a ValueError) the missing keys, said once
+        raise
     except (ValueError, OSError) as err:
         raise InputError(f"{path} is not a readable .npz file: {err}") from err
 

@@ -14,8 +14,13 @@ the head, the input of that layer the penultimate activations. The spec of a bui
 from __future__ import annotations
 
 import difflib
+import socket
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -27,6 +32,15 @@ SOURCES = ("penrun", "torchvision", "timm")
 TIMM_MISSING = "source='timm' needs the timm package: pip install 'penrun[timm]'"
 
 Normalization = tuple[list[float], list[float]]  # (mean, std) of [0, 1] images, per channel
+# The input normalizations a network trained elsewhere may expect, by name (`normalization`):
+# imagenet is torchvision's recipe (transforms.Normalize of the ImageNet statistics), which most
+# state_dicts trained with torchvision or timm expect. `none` feeds penrun's images in [-1, 1]
+# as they are: what weights trained with mean = std = 0.5 (Inception's recipe) expect.
+NORMALIZATIONS: dict[str, Normalization] = {
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+# auto: the pretrained weights' own normalization with pretrained=True, else none.
+NORMALIZATION_CHOICES = ("auto", "none", *NORMALIZATIONS)
 
 
 def build_classifier(
@@ -50,10 +64,15 @@ def build_classifier(
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is invalid; valid: {list(SOURCES)}")
     if source == "penrun":
-        if pretrained or head_layer is not None:
-            option = "pretrained=True" if pretrained else f"head_layer={head_layer!r}"
+        library_only = {
+            "pretrained": pretrained or None,
+            "head_layer": head_layer,
+            "normalization": normalization,
+        }
+        given = [f"{name}={value!r}" for name, value in library_only.items() if value is not None]
+        if given:
             raise ValueError(
-                f"{option} is for torchvision and timm networks, not source='penrun' (arch={arch!r})"
+                f"{given[0]} is for torchvision and timm networks, not source='penrun' (arch={arch!r})"
             )
         dim = 64 if penultimate_dim is None else penultimate_dim
         return build_penrun_classifier(
@@ -65,6 +84,11 @@ def build_classifier(
             **penrun_options,
         )
     check_arch(source, arch)
+    if normalization is not None and not len(normalization[0]) == len(normalization[1]) == channels:
+        raise ValueError(
+            f"normalization={normalization!r} has a mean and std per channel of "
+            f"{len(normalization[0])}-channel images; the images have channels={channels}"
+        )
     module = _create(source, arch, num_classes)
     named = head_layer is not None
     if head_layer is None:
@@ -141,6 +165,27 @@ def pretrained_info(source: str, arch: str) -> tuple[int, Normalization]:
     return config.num_classes, (list(config.mean), list(config.std))
 
 
+def input_normalization(
+    choice: str, *, source: str, arch: str, pretrained: bool, channels: int
+) -> Normalization | None:
+    """The (mean, std) that a network's weights expect of [0, 1] images, by the name `choice`
+    (NORMALIZATION_CHOICES): auto is the library's pretrained weights' own when `pretrained`,
+    else none (penrun's images in [-1, 1] as they are, as before the option)."""
+    if choice not in NORMALIZATION_CHOICES:
+        raise ValueError(f"normalization={choice!r} is invalid; valid: {', '.join(NORMALIZATION_CHOICES)}")
+    if choice == "auto":
+        return pretrained_info(source, arch)[1] if pretrained else None
+    if choice == "none":
+        return None
+    mean, std = NORMALIZATIONS[choice]
+    if len(mean) != channels:
+        raise ValueError(
+            f"normalization={choice} standardizes images of {len(mean)} channels, not of {channels}: "
+            "use none, or RGB images"
+        )
+    return mean, std
+
+
 def _torchvision_weights(arch: str) -> Any:
     weights = _torchvision().get_model_weights(arch)
     if not list(weights):
@@ -168,17 +213,53 @@ def library_weights(source: str, arch: str) -> dict[str, torch.Tensor]:
                 f"pretrained=True: torchvision's {arch} weights are not in its cache and could not be "
                 f"downloaded ({err}); put {weights.url} at {target}"
             ) from err
+    import huggingface_hub.constants  # timm depends on it
+
+    return _timm_weights(arch, huggingface_hub.constants)
+
+
+def _timm_weights(arch: str, constants: Any) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights from the Hugging Face cache (`constants`: huggingface_hub's,
+    read at each call); downloaded only when they are not there and the hub answers (offline,
+    huggingface_hub retries each file for ~25 s first)."""
     config = _timm_pretrained(arch)
     try:
+        with _hub_offline(constants):  # the cache alone: no request when the weights are there
+            return _timm().create_model(arch, pretrained=True).state_dict()
+    except OSError:  # huggingface_hub's LocalEntryNotFoundError: not in the cache
+        pass
+    if not constants.HF_HUB_OFFLINE and hub_reachable(constants.ENDPOINT):
         return _timm().create_model(arch, pretrained=True).state_dict()
-    except OSError as err:  # huggingface_hub's LocalEntryNotFoundError: no network
-        from huggingface_hub.constants import HF_HUB_CACHE  # timm depends on it
+    raise ValueError(
+        f"pretrained=True: timm's {arch} weights are not in the Hugging Face cache and {constants.ENDPOINT} "
+        f"cannot be reached; fill {constants.HF_HUB_CACHE} with {config.hf_hub_id} (hf "
+        f"download {config.hf_hub_id} where there is a network, then copy the cache)"
+    )
 
-        raise ValueError(
-            f"pretrained=True: timm's {arch} weights are not in the Hugging Face cache and could not be "
-            f"downloaded; fill {HF_HUB_CACHE} with {config.hf_hub_id} (huggingface-cli download "
-            f"{config.hf_hub_id} where there is a network, then copy the cache)"
-        ) from err
+
+@contextmanager
+def _hub_offline(constants: Any) -> Iterator[None]:
+    """huggingface_hub reads its offline switch at each call: on, it answers from the cache alone."""
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to `endpoint`'s host (or to the https proxy configured to reach
+    it) opens within `timeout` seconds."""
+    url = urlparse(endpoint)
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def load_pretrained(module: nn.Module, weights: dict[str, torch.Tensor], head_layer: str) -> None:

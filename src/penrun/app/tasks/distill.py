@@ -4,13 +4,16 @@ The teacher knows the source domain (`data`); the student learns from a transfer
 (`transfer`: another dataset or a shifted copy of the source) with a weighted sum of the loss
 terms in `penrun.core.losses`. Each epoch is scored on held-out transfer examples (which choose
 the epoch) and on the protocol's test set (the transfer domain's with labels, the source
-domain's without); the other domain's test set is evaluated once, at the end.
+domain's without; every `distill.test_every` epochs, the last and the chosen one); the other
+domain's test set is evaluated once, at the end.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from omegaconf import DictConfig
 
 from penrun.app.config import classifier_spec, load_data, start_task
 from penrun.app.errors import ConfigError, config_keys
-from penrun.app.teachers import obtain_classifier, penultimate_model, vmf_record
+from penrun.app.teachers import cached_test_accuracy, obtain_classifier, penultimate_model, vmf_record
 from penrun.core.losses import (
     LOSSES,
     SAME_DIM_LOSSES,
@@ -36,6 +39,7 @@ from penrun.data import ImageData, align_classes, convert_images, labelled_subse
 from penrun.data.corruptions import corrupt_images
 from penrun.models import Classifier, build_classifier
 from penrun.train import distributed
+from penrun.train.checkpoint import load_checkpoint
 from penrun.train.evaluation import accuracy, predict, test_accuracy
 from penrun.train.loop import (
     TrainerSettings,
@@ -65,23 +69,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = load_data(cfg)
     transfer = transfer_data(cfg, source)
     student_spec = classifier_spec(cfg, "student", source)
-    # An unlabeled transfer set (a flat folder) has no classes to balance: it holds out as many
-    # images as a labelled one of the teacher's classes would.
-    val_count = options.val_per_class * (1 if transfer.labelled else source.num_classes)
-    examples = student_examples(transfer, labels, val_count, cfg.seed)
+    held = held_out_indices(transfer, options.held_out, options.val_per_class, source.num_classes)
+    examples = student_examples(transfer, labels, held, cfg.seed)
     if cfg.teacher_ckpt is None and cfg.teacher.source == "penrun":  # trained here: check before
         check_student(weights, student_spec, cfg.teacher.penultimate_dim)
     teacher, ckpt, teacher_path = obtain_classifier(cfg, source)
     check_student(weights, student_spec, teacher.penultimate_dim)
     seed_everything(cfg.seed)
-    teacher.to(settings.device)
+    on_device(teacher, settings)
     model = penultimate_model(teacher, ckpt, teacher_path, cfg.vmf)
     shared = distill_setup(options, weights, teacher, model, settings, cfg.seed)
-    teacher_accs = {"teacher_source_acc": test_accuracy(teacher, source, settings)}
+    output_dir = Path(cfg.paths.output_dir)
+    accuracy_of = partial(
+        cached_test_accuracy, teacher, teacher_path, settings=settings, output_dir=output_dir
+    )
+    teacher_accs = {"teacher_source_acc": accuracy_of(source)}
     if transfer.labelled:  # a flat folder of images has no labels to score against
-        teacher_accs["teacher_transfer_acc"] = test_accuracy(teacher, transfer, settings)
+        teacher_accs["teacher_transfer_acc"] = accuracy_of(transfer)
     log.info(f"teacher {teacher_path}: " + ", ".join(f"{k[8:]} {v:.4f}" for k, v in teacher_accs.items()))
-    protocol = Protocol(source, transfer, labelled=labels is not None)
+    protocol = Protocol(source, transfer, labelled=labels is not None, test_every=options.test_every)
     student, history = train_student(
         folder, student_spec, shared, weights, examples, protocol, settings, cfg.seed
     )
@@ -94,6 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teacher_path=teacher_path,
         teacher_accs=teacher_accs,
         history=history,
+        selected_score=selected_test_score(folder, student, history, protocol, settings),
         other_domain_acc=(
             test_accuracy(student, protocol.other_data, settings) if protocol.other_data.labelled else None
         ),
@@ -140,6 +147,11 @@ def check_options(cfg: DictConfig) -> None:
     if labels_option(cfg.distill.labels) is None and weights["ce"] > 0:
         raise ConfigError(
             "distill.losses.ce > 0 needs labels, but distill.labels=none; set distill.labels=all or N, or ce=0"
+        )
+    if labels_option(cfg.distill.labels) is None and cfg.distill.held_out == "balanced":
+        raise ConfigError(
+            "distill.held_out=balanced reads transfer labels, which the unlabeled protocol "
+            "(distill.labels=none) must not; use distill.held_out=seeded"
         )
 
 
@@ -211,19 +223,22 @@ DOMAINS = ("source", "transfer")
 VALIDATION_SEED = 0
 
 
-def hold_out_validation(
-    transfer: ImageData, per_class: int
-) -> tuple[ImageData, tuple[torch.Tensor, torch.Tensor]]:
-    """`per_class` examples of each class held out of the transfer training split (the pool the
-    student's examples and labels are drawn from): the validation set that chooses the epoch.
-    The same examples for every run and seed (docs/method.md, 5.4): the only transfer training
-    labels the unlabeled protocol reads are those that balance this fixed set's classes."""
-    with config_keys(per_class="distill.val_per_class"):
-        held = labelled_subset(transfer.y_train, per_class, transfer.num_classes, VALIDATION_SEED)
-    kept = torch.ones(len(transfer.y_train), dtype=torch.bool)
-    kept[held] = False
-    pool = replace(transfer, x_train=transfer.x_train[kept], y_train=transfer.y_train[kept])
-    return pool, (transfer.x_train[held], transfer.y_train[held])
+def held_out_indices(transfer: ImageData, rule: str, per_class: int, classes: int) -> torch.Tensor:
+    """The transfer training images held out to choose the epoch, the same for every run and
+    seed (docs/method.md, 5.4): `per_class` of each class by their labels (balanced), or
+    `per_class` x the teacher's `classes` drawn without reading a label (seeded: the unlabeled
+    protocol's, and a flat folder's, which has no labels to balance)."""
+    if rule == "balanced":
+        with config_keys(per_class="distill.val_per_class"):
+            return labelled_subset(transfer.y_train, per_class, transfer.num_classes, VALIDATION_SEED)
+    count, available = per_class * classes, len(transfer.x_train)
+    if count > available:
+        raise ConfigError(
+            f"distill.val_per_class={per_class} holds out {count} images ({per_class} x {classes} "
+            f"classes), more than the {available} training images of {transfer.name}"
+        )
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return order[:count].sort().values
 
 
 def transfer_training_set(
@@ -249,15 +264,17 @@ class StudentExamples:
 
 
 def student_examples(
-    transfer: ImageData, labels: int | str | None, val_per_class: int, seed: int
+    transfer: ImageData, labels: int | str | None, held: torch.Tensor, seed: int
 ) -> StudentExamples:
-    """`val_per_class` held-out examples of each class (the same for every seed), and the
+    """The held-out examples (`held`: indices into the transfer training split) and the
     training examples from the rest: all of them, or `labels` per class drawn with the seed."""
-    pool, (x_val, y_val) = hold_out_validation(transfer, val_per_class)
+    kept = torch.ones(len(transfer.x_train), dtype=torch.bool)
+    kept[held] = False
+    pool = replace(transfer, x_train=transfer.x_train[kept], y_train=transfer.y_train[kept])
     x_train, y_train = transfer_training_set(pool, labels, seed)
     if labels is None:
-        return StudentExamples(x_train, None, x_val, None)
-    return StudentExamples(x_train, y_train, x_val, y_val)
+        return StudentExamples(x_train, None, transfer.x_train[held], None)
+    return StudentExamples(x_train, y_train, transfer.x_train[held], transfer.y_train[held])
 
 
 def smoothing_for(
@@ -273,7 +290,7 @@ def smoothing_for(
 @dataclass(frozen=True)
 class Protocol:
     """The domain whose test set gives a protocol's curve and stability (evaluated every
-    epoch): the target domain with labels (Table 2), the source domain without (Table 1: the
+    `test_every` epochs and at the last): the target domain with labels (Table 2), the source domain without (Table 1: the
     student should keep the teacher's source accuracy). The other domain is evaluated once,
     after training. The epoch is chosen on held-out transfer examples: accuracy with labels,
     agreement with the teacher without."""
@@ -281,6 +298,10 @@ class Protocol:
     source: ImageData
     transfer: ImageData
     labelled: bool
+    test_every: int = 1  # the test split is scored every N epochs and at the last
+
+    def scores_test(self, epoch: int, max_epochs: int) -> bool:
+        return epoch % self.test_every == 0 or epoch == max_epochs
 
     @property
     def domain(self) -> str:
@@ -372,12 +393,12 @@ def train_student(
     )
 
     def evaluate(epoch: int) -> dict[str, float]:
-        _, logits = predict(student, test_images, settings.eval_batch_size, device)
         _, val_logits = predict(student, val_images, settings.eval_batch_size, device)
-        return {
-            protocol.metric: accuracy(logits, test_set.y_test),
-            protocol.val_metric: accuracy(val_logits, val_targets),
-        }
+        scores = {protocol.val_metric: accuracy(val_logits, val_targets)}
+        if protocol.scores_test(epoch, settings.max_epochs):
+            _, logits = predict(student, test_images, settings.eval_batch_size, device)
+            scores[protocol.metric] = accuracy(logits, test_set.y_test)
+        return scores
 
     history = train_epochs(
         folder,
@@ -393,6 +414,28 @@ def train_student(
     return student, history
 
 
+def selected_test_score(
+    folder: RunFolder,
+    student: Classifier,
+    history: list[dict[str, Any]],
+    protocol: Protocol,
+    settings: TrainerSettings,
+) -> float:
+    """The test score of the epoch chosen on validation: its history row's, or, when training
+    skipped its test split (`distill.test_every` > 1), that of best.pt's student (the first of
+    equal scores, as `selected_epoch` chooses). The history is left as trained, so that every
+    run's curve holds the same epochs."""
+    row = history[selected_epoch(history, protocol.val_metric)]
+    if protocol.metric in row:
+        return row[protocol.metric]
+    ckpt = load_checkpoint(folder.best_path)
+    if ckpt["epoch"] != row["epoch"]:
+        raise RuntimeError(f"{folder.best_path} holds epoch {ckpt['epoch']}, not the selected {row['epoch']}")
+    best = copy.deepcopy(student)
+    best.load_state_dict(ckpt["modules"]["model"])
+    return test_accuracy(best, protocol.test_data, settings)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a distill run measured, for its metrics.json."""
@@ -405,6 +448,7 @@ class Outcome:
     teacher_path: Path
     teacher_accs: dict[str, float]  # teacher_source_acc, teacher_transfer_acc
     history: list[dict[str, Any]]
+    selected_score: float  # the test score of the epoch chosen on validation
     # the last student's accuracy on the other domain's test set (None: an unlabeled one)
     other_domain_acc: float | None
 
@@ -418,7 +462,8 @@ def selected_epoch(history: list[dict[str, Any]], val_metric: str) -> int:
 
 def final_metrics(outcome: Outcome) -> dict[str, Any]:
     protocol, history, weights = outcome.protocol, outcome.history, outcome.weights
-    curve = [row[protocol.metric] for row in history]
+    # The test split's scores: every `distill.test_every` epochs and the last
+    curve = [row[protocol.metric] for row in history if protocol.metric in row]
     selected = selected_epoch(history, protocol.val_metric)
     return {
         "task": "distill",
@@ -439,7 +484,7 @@ def final_metrics(outcome: Outcome) -> dict[str, Any]:
         ),
         # The epoch with the best validation score, and its test accuracy.
         "selected_epoch": selected + 1,
-        f"selected_{protocol.metric}": curve[selected],
+        f"selected_{protocol.metric}": outcome.selected_score,
         f"best_{protocol.val_metric}": history[selected][protocol.val_metric],
         "val_size": outcome.val_size,
         "stability": {protocol.domain: stability(curve)},
