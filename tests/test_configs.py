@@ -107,7 +107,14 @@ def test_pairs_set_both_domains() -> None:
 # The groups a sweep appends (`+group=option`): table rows, the kappa study's arms and options.
 APPENDED = [
     pytest.param(group, option, id=f"+{group}={option}")
-    for group in ("row_labelled", "row_unlabeled", "kappa_arm", "study")
+    for group in (
+        "row_labelled",
+        "row_unlabeled",
+        "row_cifar10_c_labelled",
+        "row_cifar10_c_unlabeled",
+        "kappa_arm",
+        "study",
+    )
     for option in options(group)
 ]
 VMF_SUFFIXES = {"matched": ("weights", "matched"), "class_mean_fitted": ("class_mean", "fitted")}
@@ -236,7 +243,14 @@ def single_commands(configs: Path) -> list[list[str]]:
     ]
     commands += [
         [f"+{group}={p.stem}"]
-        for group in ("row_labelled", "row_unlabeled", "kappa_arm", "study")
+        for group in (
+            "row_labelled",
+            "row_unlabeled",
+            "row_cifar10_c_labelled",
+            "row_cifar10_c_unlabeled",
+            "kappa_arm",
+            "study",
+        )
         for p in sorted((configs / group).glob("*.yaml"))
     ]
     for path in sorted((configs / "hparams_search").glob("*.yaml")):

@@ -136,6 +136,12 @@ def paired_table(
     )
 
 
+def beats(mean: float, best: float) -> bool:
+    """Higher, and not only by rounding: metrics are stored as float32 (0.21 reads 0.2099999934),
+    so means equal to 6 significant digits (0.20 + 0.23 against 0.21 + 0.22) are ties."""
+    return mean > best + 1e-6 * max(1.0, abs(best))
+
+
 def chosen_table(
     runs: list[RunRecord], rows: list[str], choose: list[str], value: str
 ) -> tuple[str, list[list[str]]]:
@@ -148,7 +154,7 @@ def chosen_table(
         scores = values_of(members, value)
         mean, _ = mean_std(scores)
         row, setting = key[: len(fixed)], key[len(fixed) :]
-        if mean is not None and (row not in best or mean > best[row][0]):
+        if mean is not None and (row not in best or beats(mean, best[row][0])):
             best[row] = (mean, setting, len(scores))
     header = [*fixed, *choose, f"mean {value}", "runs"]
     body = [[*row, *setting, f"{mean:.4f}", str(n)] for row, (mean, setting, n) in best.items()]
