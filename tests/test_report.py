@@ -249,6 +249,26 @@ def test_a_search_chooses_the_best_mean_not_the_best_seed(tmp_path: Path) -> Non
     assert read_csv(tmp_path / "s" / "chosen.csv")[1] == ["kd", "16.0", "0.7400", "2"]
 
 
+def test_means_equal_but_for_float32_rounding_are_ties(tmp_path: Path) -> None:
+    """metrics.json holds float32 accuracies: 0.21 + 0.22 and 0.20 + 0.23 read back as means
+    that differ in the 9th digit (0.215 against 0.21500000357627869). A tie: the first tau in
+    numeric order wins. A real difference of 1e-4 still decides."""
+    f32 = lambda *values: [float(np.float32(v)) for v in values]  # noqa: E731
+    scores = {
+        ("kd", 4.0): f32(0.21, 0.22),
+        ("kd", 16.0): f32(0.20, 0.23),  # the larger float mean, by rounding only
+        ("st", 4.0): f32(0.2150, 0.2150),
+        ("st", 16.0): f32(0.2151, 0.2151),  # better by 1e-4
+    }
+    assert np.mean(scores[("kd", 16.0)]) > np.mean(scores[("kd", 4.0)])
+    for (method, tau), values in scores.items():
+        for seed, val in enumerate(values):
+            search_run(tmp_path / "s" / f"{method}-{tau}-{seed}", method, tau, seed, val, 0.5)
+    report(tmp_path / "s")
+    chosen = read_csv(tmp_path / "s" / "chosen.csv")[1:]
+    assert [row[:2] for row in chosen] == [["kd", "4.0"], ["st", "16.0"]]
+
+
 def test_a_stored_layout_is_honoured_and_the_command_line_wins(tmp_path: Path) -> None:
     """The layout distill_labelled stores (rows, columns, values, baseline 'ce none') shapes the
     report without a report.* option; an option given on the command line replaces its key."""
