@@ -105,16 +105,17 @@ def test_pairs_set_both_domains() -> None:
 
 
 # The groups a sweep appends (`+group=option`): table rows, the kappa study's arms and options.
+APPENDED_GROUPS = (
+    "row_labelled",
+    "row_unlabeled",
+    "row_cifar10_c_labelled",
+    "row_cifar10_c_unlabeled",
+    "kappa_arm",
+    "study",
+)
 APPENDED = [
     pytest.param(group, option, id=f"+{group}={option}")
-    for group in (
-        "row_labelled",
-        "row_unlabeled",
-        "row_cifar10_c_labelled",
-        "row_cifar10_c_unlabeled",
-        "kappa_arm",
-        "study",
-    )
+    for group in APPENDED_GROUPS
     for option in options(group)
 ]
 VMF_SUFFIXES = {"matched": ("weights", "matched"), "class_mean_fitted": ("class_mean", "fitted")}
@@ -242,16 +243,7 @@ def single_commands(configs: Path) -> list[list[str]]:
         for option in sorted(p.stem for p in (configs / group).glob("*.yaml"))
     ]
     commands += [
-        [f"+{group}={p.stem}"]
-        for group in (
-            "row_labelled",
-            "row_unlabeled",
-            "row_cifar10_c_labelled",
-            "row_cifar10_c_unlabeled",
-            "kappa_arm",
-            "study",
-        )
-        for p in sorted((configs / group).glob("*.yaml"))
+        [f"+{group}={p.stem}"] for group in APPENDED_GROUPS for p in sorted((configs / group).glob("*.yaml"))
     ]
     for path in sorted((configs / "hparams_search").glob("*.yaml")):
         task = {"distill_optuna": "distill", "train_teacher_optuna": "train_teacher"}.get(path.stem, "vae")
