@@ -278,8 +278,10 @@ def test_each_search_gives_every_row_the_same_budget_on_other_seeds_or_the_digit
 ) -> None:
     _, rows = sweep(table)
     _, grid = sweep(search)
+    # the search sweeps the digits rows (+row_labelled); the table, the rows it chose (+row_cifar10_c_labelled)
     row_key = next(k for k in grid if k.startswith("+"))
-    assert set(grid[row_key]) <= set(rows[row_key]) and len(grid["seed"]) == 2
+    chosen_key = next(k for k in rows if k.startswith("+"))
+    assert set(grid[row_key]) <= set(rows[chosen_key]) and len(grid["seed"]) == 2
     digits = {
         "cifar10_c_search_labelled": "search_labelled",
         "cifar10_c_search_unlabeled": "search_unlabeled",
