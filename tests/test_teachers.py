@@ -280,7 +280,8 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
     """A torchvision ResNet-18's bare state_dict: its weights in a penrun checkpoint under
     statistics/<data>-<arch>-<SHA-1 of its identity>.pt, with the statistics of the 30 training
     images left after data.val_size=10; the identity holds the file's SHA-256, the spec and the
-    data node. Found there the second time; a head of other classes, weights of another network
+    data node less how it is read (data.in_memory, memory_mb, workers). Found there the second time
+    and when read otherwise; a head of other classes, weights of another network
     and the library's own 1000-class weights are refused in one line. Fails if the identity or
     the cache key loses a part, the weights are not loaded, or a wrong file passes."""
     torch.manual_seed(0)
@@ -296,7 +297,10 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
     identity = json.loads(ckpt["made_from"])
     assert path == tmp_path / "statistics" / f"digits-resnet18-{sha1_10(identity)}.pt"
     assert identity["weights"] == f"sha256:{hashlib.sha256(paths['resnet18'].read_bytes()).hexdigest()}"
-    assert identity["data"] == OmegaConf.to_container(cfg.data, resolve=True)
+    data_node = OmegaConf.to_container(cfg.data, resolve=True)
+    assert identity["data"] == {
+        k: v for k, v in data_node.items() if k not in ("in_memory", "memory_mb", "workers")
+    }
     assert identity["spec"]["arch"] == "resnet18" and identity["spec"]["num_classes"] == 10
     assert ckpt["activation_stats"]["count"].sum() == 30
     state = torch.load(paths["resnet18"])
@@ -308,6 +312,11 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
 
     monkeypatch.setattr(teachers, "statistics_of", no_statistics)
     assert teachers.obtain_classifier(cfg, data)[2] == path
+    # how the data are read leaves the identity alone
+    streamed = tiny_teacher_cfg(
+        tmp_path, *library, f"teacher_ckpt={paths['resnet18']}", "data.in_memory=false", "data.workers=2"
+    )
+    assert teachers.obtain_classifier(streamed, data)[2] == path
     refusals = {
         f"teacher_ckpt={paths['seven']}": r"^teacher_ckpt='.*seven.pt' \(head fc\) has 7 classes, the data digits 10",
         f"teacher_ckpt={paths['resnet34']}": r"^teacher_ckpt='.*resnet34.pt' does not fit teacher.arch=resnet18: ",

@@ -84,7 +84,9 @@ def library_checkpoint(
     train, _ = validation_split(cfg, data)
     spec = classifier_spec(cfg, net_key, train)
     weights = f"sha256:{file_sha256(given)}" if given is not None else f"{spec['source']}:pretrained"
-    identity = {"weights": weights, "spec": spec, "data": OmegaConf.to_container(cfg.data, resolve=True)}
+    data_node = OmegaConf.to_container(cfg.data, resolve=True)
+    # how the data are read (in memory or streamed, by how many workers) is not what they are
+    identity = {"weights": weights, "spec": spec, **strip_runtime_keys({"data": data_node})}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     path = Path(cfg.paths.output_dir) / "statistics" / f"{data.name}-{spec['arch']}-{digest}.pt"
     with cache_lock(path):
