@@ -282,7 +282,8 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
     images left after data.val_size=10; the identity holds the file's SHA-256, the spec and the
     data node less how it is read (data.in_memory, memory_mb, workers). Found there the second time
     and when read otherwise; a head of other classes, weights of another network
-    and the library's own 1000-class weights are refused in one line. Fails if the identity or
+    and the library's own 1000-class weights are refused in one line, and so is a normalization
+    other than the one the checkpoint was recorded under. Fails if the identity or
     the cache key loses a part, the weights are not loaded, or a wrong file passes."""
     torch.manual_seed(0)
     paths = {name: tmp_path / f"{name}.pt" for name in ("resnet18", "seven", "resnet34")}
@@ -326,6 +327,17 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
     for override, message in refusals.items():
         with pytest.raises(ConfigError, match=message):
             teachers.obtain_classifier(tiny_teacher_cfg(tmp_path, *library, override), data)
+    # the cached penrun checkpoint keeps the normalization it was recorded under (none here)
+    as_recorded = tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={path}", "teacher.normalization=none")
+    assert teachers.obtain_classifier(as_recorded, data)[2] == path
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher.normalization=imagenet: '.*\.pt' was recorded with none, which it uses; drop the option",
+    ):
+        teachers.obtain_classifier(
+            tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={path}", "teacher.normalization=imagenet"),
+            data,
+        )
 
 
 def test_a_teachers_test_accuracy_is_computed_once_per_checkpoint_and_test_split(

@@ -30,7 +30,7 @@ from penrun.app.schema import IDENTITY_DEFAULTS
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import ImageData
 from penrun.models import Classifier, HookedClassifier, build_classifier
-from penrun.models.networks import head_classes, load_weights, pretrained_info
+from penrun.models.networks import head_classes, input_normalization, load_weights, pretrained_info
 from penrun.train import distributed
 from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_classifier, load_state_dict, read_weights_only
 from penrun.train.classifier import statistics_of, train_and_record
@@ -262,7 +262,35 @@ def obtain_classifier(
     with network_keys(net_key):
         model, ckpt = load_classifier(path)
     check_fits_data(ckpt["classifier"], data, net_key, path)
+    if library and net_cfg.normalization != "auto":
+        check_saved_normalization(net_cfg, ckpt["classifier"], net_key, path, data.channels)
     return model, ckpt, Path(path)
+
+
+def check_saved_normalization(
+    net_cfg: DictConfig, spec: dict[str, Any], net_key: str, path: str | Path, channels: int
+) -> None:
+    """A penrun checkpoint keeps the normalization its statistics were recorded under and uses
+    it: a `normalization` asked for on the command line that differs is refused, not ignored."""
+    with network_keys(net_key):
+        asked = input_normalization(
+            net_cfg.normalization,
+            source=net_cfg.source,
+            arch=net_cfg.arch,
+            pretrained=net_cfg.pretrained,
+            channels=channels,
+        )
+    saved = spec.get("normalization")
+    if _as_lists(asked) != _as_lists(saved):
+        raise ConfigError(
+            f"{net_key}.normalization={net_cfg.normalization}: {str(path)!r} was recorded with "
+            f"{'none' if saved is None else f'mean/std {_as_lists(saved)}'}, which it uses; drop the "
+            "option, or record the state_dict again with it"
+        )
+
+
+def _as_lists(normalization: Any) -> list[list[float]] | None:
+    return None if normalization is None else [[float(v) for v in part] for part in normalization]
 
 
 def _train_cached(
