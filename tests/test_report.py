@@ -565,3 +565,149 @@ def test_default_values_leave_out_teachers_and_shared_numbers_and_stop_at_eight(
     assert header[:2] == ["task.name", "runs"]
     assert header[2::2] == [f"m{i} mean" for i in range(1, 9)]
     assert [line[:2] for line in lines] == [["distill", "2"]]
+
+
+def history_run(folder: Path, seed: int, accs: list[float], **metrics: Any) -> None:
+    history = [{"epoch": e + 1, "transfer_acc": a, "loss": 1 - a} for e, a in enumerate(accs)]
+    write_run(folder, seed, {"method": "kd"}, method="kd", transfer_acc=accs[-1], history=history, **metrics)
+
+
+def test_the_task_logs_its_report_names_what_it_wrote_and_returns_its_sweep(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """task=report's log holds report.md as written and one line naming every file written
+    (chosen.csv for a search, curves.png for runs with a history); it returns its sweep."""
+    sweep = tmp_path / "s"
+    for seed in (0, 1):
+        history_run(sweep / f"kd-{seed}", seed, [0.5, 0.75], best_val_acc=0.5 + seed / 4)
+    penrun_log = logging.getLogger("penrun")
+    with caplog.at_level(logging.INFO, logger="penrun"):
+        penrun_log.addHandler(caplog.handler)
+        try:
+            result = run_task(
+                [
+                    "task=report",
+                    f"sweep_dir={sweep}",
+                    "report.values=[best_val_acc]",
+                    "report.choose=[method]",
+                    "report.curve=transfer_acc",
+                ],
+                tmp_path / "job",
+            )
+        finally:
+            penrun_log.removeHandler(caplog.handler)
+    assert result == {"task": "report", "sweep_dir": str(sweep)}
+    assert (sweep / "report.md").read_text() in caplog.messages
+    assert f"wrote {sweep / 'report.md'}, report.csv, runs.csv, chosen.csv, curves.png" in caplog.messages
+
+
+def test_a_sweep_folder_that_cannot_be_written_gets_its_report_in_the_jobs_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs read from a read-only folder (another user's sweep): the same report, written into
+    the report job's own folder instead. (Root ignores file modes, so writing into the sweep
+    is refused by a stand-in for the file system's PermissionError.)"""
+    from penrun.app.tasks import report as report_module
+
+    sweep = tmp_path / "s"
+    for seed in (0, 1):
+        history_run(sweep / f"kd-{seed}", seed, [0.5, 0.75 - seed / 4])
+    expected = report(sweep, "report.values=[transfer_acc]")
+    for name in ("report.md", "report.csv", "runs.csv", "curves.png"):
+        (sweep / name).unlink()
+    write = report_module.atomic_write
+
+    def refuse_the_sweep(path: Path, writer: Any) -> None:
+        if path.parent == sweep:
+            raise PermissionError(13, "Permission denied", str(path))
+        write(path, writer)
+
+    monkeypatch.setattr(report_module, "atomic_write", refuse_the_sweep)
+    job = tmp_path / "job"
+    with caplog.at_level(logging.INFO, logger="penrun"):
+        logging.getLogger("penrun").addHandler(caplog.handler)
+        try:
+            run_task(["task=report", f"sweep_dir={sweep}", "report.values=[transfer_acc]"], job)
+        finally:
+            logging.getLogger("penrun").removeHandler(caplog.handler)
+    assert (job / "report.md").read_text() == expected
+    assert sorted(p.name for p in job.iterdir() if p.is_file()) == [
+        "curves.png",
+        "report.csv",
+        "report.md",
+        "runs.csv",
+    ]
+    assert not any((sweep / name).exists() for name in ("report.md", "report.csv"))
+    assert f"wrote {job / 'report.md'}, report.csv, runs.csv, curves.png" in caplog.messages
+
+
+def test_report_md_as_a_reader_sees_it(tmp_path: Path) -> None:
+    """The whole report.md of two runs sharing two numbers, with one interrupted run, to the
+    character (written out by hand)."""
+    sweep = tmp_path / "s"
+    for seed, acc in ((0, 0.5), (1, 0.75)):
+        write_run(
+            sweep / f"r{seed}", seed, {"method": "kd"}, method="kd", transfer_acc=acc, size=10, val_size=5
+        )
+    (sweep / "r2").mkdir()
+    (sweep / "r2" / "metrics.json").write_text(json.dumps({"status": "running", "history": [{"epoch": 1}]}))
+    text = report(sweep, "report.rows=[method]", "report.values=[transfer_acc]")
+    assert text == (
+        f"# Report of {sweep}\n"
+        "\n"
+        "2 complete runs, seeds 0, 1; cells are mean ± std over seeds.\n"
+        "\n"
+        "The same in every run: size 10, val_size 5.\n"
+        "\n"
+        "| method | runs | transfer_acc |\n"
+        "|---|---|---|\n"
+        "| kd | 2 | 0.6250 ± 0.1768 |\n"
+        "\n"
+        "## Missing or incomplete runs (1)\n"
+        "\n"
+        "- `r2`: interrupted after 1 epoch(s)\n"
+    )
+
+
+def test_a_report_with_a_baseline_and_a_choice_joins_its_tables_with_a_blank_line(tmp_path: Path) -> None:
+    for tau, seed, val in ((1.0, 0, 0.5), (1.0, 1, 0.75), (4.0, 0, 0.25), (4.0, 1, 0.5)):
+        search_run(tmp_path / "s" / f"{tau}-{seed}", "kd", tau, seed, val, 0.5)
+    text = report(tmp_path / "s", "report.values=[best_val_acc]", "report.baseline=kd 1.0")
+    tables = ["| method | distill.tau | runs | best_val_acc |", "|\n\nPaired differences to `kd 1.0`",
+              "|\n\nChosen per row: the setting of `distill.tau`"]  # fmt: skip
+    assert all(table in text for table in tables)
+    assert text.index(tables[0]) < text.index(tables[1]) < text.index(tables[2])
+
+
+def test_a_curve_no_run_records_is_refused_naming_the_per_epoch_metrics(tmp_path: Path) -> None:
+    """Runs with and without a history: the metrics any history has, in their order."""
+    history_run(tmp_path / "s" / "a", 0, [0.5, 0.75])
+    write_run(tmp_path / "s" / "b", 1, {"method": "kd"}, method="kd", transfer_acc=0.5)
+    with pytest.raises(
+        ConfigError,
+        match=r"^report.curve='nope' is in no run's history; metrics per epoch: transfer_acc, loss$",
+    ):
+        report(tmp_path / "s", "report.curve=nope")
+
+
+def test_runs_stored_without_a_config_are_reported(tmp_path: Path) -> None:
+    """metrics.json written before runs stored their config: no stored layout, the same report."""
+    for seed, acc in ((0, 0.5), (1, 0.75)):
+        (tmp_path / "s" / f"{seed}").mkdir(parents=True)
+        record = {"status": "complete", "method": "kd", "seed": seed, "transfer_acc": acc}
+        (tmp_path / "s" / f"{seed}" / "metrics.json").write_text(json.dumps(record))
+    text = report(tmp_path / "s", "report.rows=[method]", "report.values=[transfer_acc]")
+    assert "| kd | 2 | 0.6250 ± 0.1768 |" in text
+
+
+def test_a_search_score_beats_the_best_only_by_more_than_a_millionth_of_its_size() -> None:
+    """The tie margin: 1e-6, relative above 1 (float32 rounding of accuracies and of scores
+    such as a Frechet distance)."""
+    from penrun.app.tasks.report import beats
+
+    assert not beats(1e-6, 0.0)  # exactly at the margin: a tie
+    assert beats(2e-6, 0.0)
+    assert beats(1.5 + 1.7e-6, 1.5)  # the margin is 1.5e-6 here, not 1e-6 or 2e-6
+    assert not beats(1.5 + 1.4e-6, 1.5)
+    assert not beats(100 + 5e-5, 100.0)  # the margin is 1e-4
+    assert beats(100 + 2e-4, 100.0)
