@@ -114,6 +114,11 @@ def test_report_of_a_sweep_with_a_missing_run(
 
 
 def test_report_needs_a_folder_with_runs(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^task=report needs sweep_dir=DIR \(a folder of runs, e.g. outputs/multirun/distill/...\)$",
+    ):
+        run_task(["task=report"], tmp_path / "r")
     with pytest.raises(ConfigError, match=r"sweep_dir='.*nowhere' is not a folder"):
         run_task(["task=report", f"sweep_dir={tmp_path / 'nowhere'}"], tmp_path / "r")
     (tmp_path / "empty").mkdir()
@@ -599,6 +604,15 @@ def test_the_task_logs_its_report_names_what_it_wrote_and_returns_its_sweep(
     assert result == {"task": "report", "sweep_dir": str(sweep)}
     assert (sweep / "report.md").read_text() in caplog.messages
     assert f"wrote {sweep / 'report.md'}, report.csv, runs.csv, chosen.csv, curves.png" in caplog.messages
+    # best_val_acc has no history: no curves.png (the earlier one goes), and the line says so
+    with caplog.at_level(logging.INFO, logger="penrun"):
+        penrun_log.addHandler(caplog.handler)
+        try:
+            run_task(["task=report", f"sweep_dir={sweep}", "report.values=[best_val_acc]"], tmp_path / "job")
+        finally:
+            penrun_log.removeHandler(caplog.handler)
+    assert caplog.messages[-1] == f"wrote {sweep / 'report.md'}, report.csv, runs.csv"
+    assert not (sweep / "curves.png").exists()
 
 
 def test_a_sweep_folder_that_cannot_be_written_gets_its_report_in_the_jobs_folder(
@@ -612,7 +626,10 @@ def test_a_sweep_folder_that_cannot_be_written_gets_its_report_in_the_jobs_folde
     sweep = tmp_path / "s"
     for seed in (0, 1):
         history_run(sweep / f"kd-{seed}", seed, [0.5, 0.75 - seed / 4])
+    (sweep / "kd-2").mkdir()
+    (sweep / "kd-2" / "metrics.json").write_text(json.dumps({"status": "running", "history": [{"epoch": 1}]}))
     expected = report(sweep, "report.values=[transfer_acc]")
+    assert "## Missing or incomplete runs (1)" in expected
     for name in ("report.md", "report.csv", "runs.csv", "curves.png"):
         (sweep / name).unlink()
     write = report_module.atomic_write
@@ -688,6 +705,11 @@ def test_a_curve_no_run_records_is_refused_naming_the_per_epoch_metrics(tmp_path
         match=r"^report.curve='nope' is in no run's history; metrics per epoch: transfer_acc, loss$",
     ):
         report(tmp_path / "s", "report.curve=nope")
+    write_run(tmp_path / "t" / "b", 1, {"method": "kd"}, method="kd", transfer_acc=0.5)
+    with pytest.raises(
+        ConfigError, match=r"^report.curve='nope' is in no run's history; metrics per epoch: none$"
+    ):
+        report(tmp_path / "t", "report.curve=nope")
 
 
 def test_runs_stored_without_a_config_are_reported(tmp_path: Path) -> None:
