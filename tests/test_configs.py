@@ -110,6 +110,7 @@ APPENDED_GROUPS = (
     "row_unlabeled",
     "row_cifar10_c_labelled",
     "row_cifar10_c_unlabeled",
+    "row_cifar10_c_generation",
     "kappa_arm",
     "study",
 )
@@ -126,7 +127,12 @@ def test_appended_options_compose_with_their_method_and_vmf(group: str, option: 
     """A row is its method preset (every term its name lists is on), with its vMF option; the
     calibrated rows' kappa_scale is their search's."""
     resolved = OmegaConf.to_container(compose_config([f"+{group}={option}"]), resolve=True)
-    if group.startswith("row_"):
+    if group == "row_cifar10_c_generation":  # a kappa arm at the learning rate its search chose
+        resolved = OmegaConf.to_container(compose_config(["task=vae", f"+{group}={option}"]), resolve=True)
+        arm = OmegaConf.to_container(compose_config(["task=vae", f"+kappa_arm={option}"]), resolve=True)
+        assert (resolved["vmf"], resolved["gen"]["cond"]) == (arm["vmf"], arm["gen"]["cond"])
+        assert resolved["trainer"]["lr"] in (0.0003, 0.001, 0.003)
+    elif group.startswith("row_"):
         losses = {k for k, v in resolved["distill"]["losses"].items() if v > 0}
         suffix = next((s for s in (*VMF_SUFFIXES, "weights_x2") if option.endswith(s)), None)
         method = option.removesuffix(f"_{suffix}") if suffix else option

@@ -261,7 +261,7 @@ def test_the_tables_sweep_what_issue_25_asks() -> None:
     _, unlabeled = sweep("cifar10_c_unlabeled")
     assert len(unlabeled["transfer.corruption"]) >= 2 and len(unlabeled["seed"]) == 3
     _, generation = sweep("cifar10_c_generation")
-    assert generation["+kappa_arm"] == ["baseline", "weights_x1", "class_mean_fitted"]
+    assert generation["+row_cifar10_c_generation"] == ["baseline", "weights_x1", "class_mean_fitted"]
     assert len(generation["seed"]) == 3
 
 
