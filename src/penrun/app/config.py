@@ -22,7 +22,13 @@ from penrun.app.schema import IDENTITY_DEFAULTS, RUNTIME_KEYS, check_values
 from penrun.data import ImageData, hold_out, load_dataset, load_folder, match_classes, subset
 from penrun.errors import InputError
 from penrun.models import build_classifier
-from penrun.models.networks import check_arch, input_normalization, library_spec, library_weights
+from penrun.models.networks import (
+    Normalization,
+    check_arch,
+    input_normalization,
+    library_spec,
+    library_weights,
+)
 from penrun.train import distributed
 from penrun.train.devices import keep_freed_memory, resolve_device, set_threads
 from penrun.train.files import atomic_write
@@ -165,14 +171,8 @@ def classifier_spec(cfg: DictConfig, node: str, data: ImageData) -> dict[str, An
             build_classifier(**spec)
         return spec
     spec = dict(source=net_cfg.source, arch=net_cfg.arch, **shape, head_layer=net_cfg.head_layer)
+    normalization = asked_normalization(net_cfg, node, data.channels)
     with network_keys(node):
-        normalization = input_normalization(
-            net_cfg.normalization,
-            source=net_cfg.source,
-            arch=net_cfg.arch,
-            pretrained=net_cfg.pretrained,
-            channels=data.channels,
-        )
         if net_cfg.pretrained:  # into the library's cache now: offline, refused before any training
             library_weights(net_cfg.source, net_cfg.arch)
             spec |= dict(pretrained=True)
@@ -180,6 +180,18 @@ def classifier_spec(cfg: DictConfig, node: str, data: ImageData) -> dict[str, An
             spec |= dict(normalization=normalization)
         net = build_classifier(**(spec | {"pretrained": False}))
     return spec | library_spec(net)
+
+
+def asked_normalization(net_cfg: DictConfig, node: str, channels: int) -> Normalization | None:
+    """The (mean, std) that a library network node's `normalization` key asks for."""
+    with network_keys(node):
+        return input_normalization(
+            net_cfg.normalization,
+            source=net_cfg.source,
+            arch=net_cfg.arch,
+            pretrained=net_cfg.pretrained,
+            channels=channels,
+        )
 
 
 NETWORK_NODES = ("teacher", "student", "evaluator")

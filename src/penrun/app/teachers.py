@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.app.config import (
+    asked_normalization,
     classifier_spec,
     network_keys,
     strip_runtime_keys,
@@ -30,7 +31,7 @@ from penrun.app.schema import IDENTITY_DEFAULTS
 from penrun.core.penultimate import PenultimateModel
 from penrun.data import ImageData
 from penrun.models import Classifier, HookedClassifier, build_classifier
-from penrun.models.networks import head_classes, input_normalization, load_weights, pretrained_info
+from penrun.models.networks import head_classes, load_weights, pretrained_info
 from penrun.train import distributed
 from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_classifier, load_state_dict, read_weights_only
 from penrun.train.classifier import statistics_of, train_and_record
@@ -272,14 +273,7 @@ def check_saved_normalization(
 ) -> None:
     """A penrun checkpoint keeps the normalization its statistics were recorded under and uses
     it: a `normalization` asked for on the command line that differs is refused, not ignored."""
-    with network_keys(net_key):
-        asked = input_normalization(
-            net_cfg.normalization,
-            source=net_cfg.source,
-            arch=net_cfg.arch,
-            pretrained=net_cfg.pretrained,
-            channels=channels,
-        )
+    asked = asked_normalization(net_cfg, net_key, channels)
     saved = spec.get("normalization")
     if _as_lists(asked) != _as_lists(saved):
         raise ConfigError(
