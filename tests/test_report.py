@@ -577,6 +577,18 @@ def history_run(folder: Path, seed: int, accs: list[float], **metrics: Any) -> N
     write_run(folder, seed, {"method": "kd"}, method="kd", transfer_acc=accs[-1], history=history, **metrics)
 
 
+def logged_report(caplog: pytest.LogCaptureFixture, run_dir: Path, *overrides: str) -> dict:
+    """task=report in this process with penrun's log captured (caplog's handler on penrun's
+    logger: a sweep run earlier in the session may have replaced the root logger's handlers)."""
+    penrun_log = logging.getLogger("penrun")
+    with caplog.at_level(logging.INFO, logger="penrun"):
+        penrun_log.addHandler(caplog.handler)
+        try:
+            return run_task(["task=report", *overrides], run_dir)
+        finally:
+            penrun_log.removeHandler(caplog.handler)
+
+
 def test_the_task_logs_its_report_names_what_it_wrote_and_returns_its_sweep(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -585,32 +597,19 @@ def test_the_task_logs_its_report_names_what_it_wrote_and_returns_its_sweep(
     sweep = tmp_path / "s"
     for seed in (0, 1):
         history_run(sweep / f"kd-{seed}", seed, [0.5, 0.75], best_val_acc=0.5 + seed / 4)
-    penrun_log = logging.getLogger("penrun")
-    with caplog.at_level(logging.INFO, logger="penrun"):
-        penrun_log.addHandler(caplog.handler)
-        try:
-            result = run_task(
-                [
-                    "task=report",
-                    f"sweep_dir={sweep}",
-                    "report.values=[best_val_acc]",
-                    "report.choose=[method]",
-                    "report.curve=transfer_acc",
-                ],
-                tmp_path / "job",
-            )
-        finally:
-            penrun_log.removeHandler(caplog.handler)
+    result = logged_report(
+        caplog,
+        tmp_path / "job",
+        f"sweep_dir={sweep}",
+        "report.values=[best_val_acc]",
+        "report.choose=[method]",
+        "report.curve=transfer_acc",
+    )
     assert result == {"task": "report", "sweep_dir": str(sweep)}
     assert (sweep / "report.md").read_text() in caplog.messages
     assert f"wrote {sweep / 'report.md'}, report.csv, runs.csv, chosen.csv, curves.png" in caplog.messages
     # best_val_acc has no history: no curves.png (the earlier one goes), and the line says so
-    with caplog.at_level(logging.INFO, logger="penrun"):
-        penrun_log.addHandler(caplog.handler)
-        try:
-            run_task(["task=report", f"sweep_dir={sweep}", "report.values=[best_val_acc]"], tmp_path / "job")
-        finally:
-            penrun_log.removeHandler(caplog.handler)
+    logged_report(caplog, tmp_path / "job", f"sweep_dir={sweep}", "report.values=[best_val_acc]")
     assert caplog.messages[-1] == f"wrote {sweep / 'report.md'}, report.csv, runs.csv"
     assert not (sweep / "curves.png").exists()
 
@@ -641,12 +640,7 @@ def test_a_sweep_folder_that_cannot_be_written_gets_its_report_in_the_jobs_folde
 
     monkeypatch.setattr(report_module, "atomic_write", refuse_the_sweep)
     job = tmp_path / "job"
-    with caplog.at_level(logging.INFO, logger="penrun"):
-        logging.getLogger("penrun").addHandler(caplog.handler)
-        try:
-            run_task(["task=report", f"sweep_dir={sweep}", "report.values=[transfer_acc]"], job)
-        finally:
-            logging.getLogger("penrun").removeHandler(caplog.handler)
+    logged_report(caplog, job, f"sweep_dir={sweep}", "report.values=[transfer_acc]")
     assert (job / "report.md").read_text() == expected
     assert sorted(p.name for p in job.iterdir() if p.is_file()) == [
         "curves.png",
