@@ -195,18 +195,19 @@ def test_launchers_share_teachers_and_resume_each_others_sweeps(
 
 
 def test_the_plan_expands_an_experiments_own_sweep() -> None:
-    """experiment=generation sweeps in its config (hydra.sweeper.params), not on the command line."""
+    """experiment=generation sweeps in its config (hydra.sweeper.params), not on the command line;
+    a key of its sweep given on the command line (seed=14) replaces the experiment's values."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            "config", overrides=["experiment=generation", "trainer.lr=0.01"], return_hydra_config=True
-        )
+        overrides = ["experiment=generation", "trainer.lr=0.01", "seed=14"]
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
         jobs = sweeps.plan_jobs(cfg)
-    # task x data x seed x conditions (kappa_arm) from the experiment, each with the command line's
-    # lr, the longest first: the MNIST GANs, one-hot then the teacher's vMF; the digits VAEs last.
-    assert len(jobs) == 2 * 4 * 2 * 5 == len({job.folder for job in jobs})
+    # task x data x 4 conditions (kappa_arm) from the experiment, each with the command line's
+    # lr and seed, the longest first: the MNIST GANs, one-hot then the teacher's vMF; the digits
+    # VAEs last.
+    assert len(jobs) == 2 * 2 * 4 == len({job.folder for job in jobs})
     first, second, last = jobs[0], jobs[1], jobs[-1]
     assert first.folder == Path(
-        "outputs/multirun/generation/gan/+kappa_arm=baseline,data=mnist,experiment=generation,seed=10,trainer.lr=0.01"
+        "outputs/multirun/generation/gan/+kappa_arm=baseline,data=mnist,experiment=generation,seed=14,trainer.lr=0.01"
     )
     assert first.config["trainer"]["max_epochs"] == 10 and first.config["gen"]["cond"] == "onehot"
     assert second.folder.name.startswith("+kappa_arm=weights_x1,data=mnist")
@@ -216,8 +217,28 @@ def test_the_plan_expands_an_experiments_own_sweep() -> None:
     )
     assert last.config["task"]["name"] == "vae" and last.config["trainer"]["max_epochs"] == 100
     assert last.config["vmf"]["direction"] == "class_mean" and last.config["gen"]["cond"] == "penultimate"
-    assert last.config["trainer"]["lr"] == 0.01
+    assert last.config["trainer"]["lr"] == 0.01 and last.config["seed"] == 14
     assert "hydra" not in last.config and "paths" not in last.config
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["seed=0,1,2", "lr=1,2", "seed=5"],
+        ["a=1", "b=x,y", "a=2,3", "c=z"],
+        ["task=distill", "+row=kd,ce", "seed=0,1", "+row=kd"],
+        ["x=1"],
+    ],
+)
+def test_the_plans_jobs_are_hydras_basic_sweeper_jobs(overrides: list[str]) -> None:
+    """The plan's jobs are the ones Hydra's BasicSweeper launches, in its order: a key given
+    again takes its last values in its first place. The oracle is BasicSweeper itself."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    (hydras,) = BasicSweeper.split_arguments(parsed, None)
+    assert sweeps.sweep_combinations(parsed) == hydras
 
 
 def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_path: Path) -> None:

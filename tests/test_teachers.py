@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import threading
+import time
 import typing
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,12 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from penrun.app import schema, teachers
-from penrun.app.errors import ConfigError
+from penrun.app.errors import ConfigError, InputError
 from penrun.app.teachers import teacher_identity
+from penrun.core.penultimate import EmpiricalRadius
 from penrun.data import ImageData
 from penrun.models import build_classifier
-from penrun.train.files import save_torch
+from penrun.train.files import exclusive_lock, save_json, save_torch
 
 from conftest import compose_config
 
@@ -202,7 +206,9 @@ def test_a_given_checkpoint_or_run_folder_is_loaded_and_must_fit_the_data(tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(
-        ConfigError, match=r"^teacher_ckpt='.*empty' is a folder without checkpoints/last.pt: pass"
+        ConfigError,
+        match=r"^teacher_ckpt='.*empty' is a folder without checkpoints/last.pt: pass a "
+        r"checkpoint file or a run folder$",
     ):
         teachers.obtain_classifier(tiny_teacher_cfg(tmp_path, f"teacher_ckpt={empty}"), tiny_digits())
     wide = tiny_digits(classes=4, size=6, channels=3)
@@ -293,7 +299,9 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
     torch.save({"fc.weight": torch.zeros(10, 512), "stem.weight": torch.zeros(3)}, paths["resnet34"])
     library = ["net@teacher=torchvision", "teacher.arch=resnet18"]
     data = tiny_digits(channels=3, size=32)
-    cfg = tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={paths['resnet18']}")
+    # an interpolated key counts by its value (teacher_trainer plays no part here)
+    linked = ["teacher_trainer.max_epochs=10", "data.val_size=${teacher_trainer.max_epochs}"]
+    cfg = tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={paths['resnet18']}", *linked)
     model, ckpt, path = teachers.obtain_classifier(cfg, data)
     identity = json.loads(ckpt["made_from"])
     assert path == tmp_path / "statistics" / f"digits-resnet18-{sha1_10(identity)}.pt"
@@ -338,6 +346,15 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
             tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={path}", "teacher.normalization=imagenet"),
             data,
         )
+    # recorded under imagenet's, it is used with it when normalization is left to auto
+    monkeypatch.undo()
+    imagenet = ["teacher.normalization=imagenet", f"teacher_ckpt={paths['resnet18']}"]
+    recorded = teachers.obtain_classifier(tiny_teacher_cfg(tmp_path, *library, *imagenet), data)[2]
+    assert recorded != path
+    auto = tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={recorded}")
+    assert teachers.obtain_classifier(auto, data)[1]["classifier"]["normalization"][0] == pytest.approx(
+        torchvision.models.ResNet18_Weights.DEFAULT.transforms().mean
+    )
 
 
 def test_a_teachers_test_accuracy_is_computed_once_per_checkpoint_and_test_split(
@@ -352,25 +369,162 @@ def test_a_teachers_test_accuracy_is_computed_once_per_checkpoint_and_test_split
     ckpt = tmp_path / "t.pt"
     ckpt.write_bytes(b"teacher one")
     calls: list[str] = []
+    teacher, settings = object(), object()  # handed on to the scorer as they are
 
-    def scored(teacher: Any, split: ImageData, settings: Any) -> float:
+    def scored(given: Any, split: ImageData, given_settings: Any) -> float:
+        assert given is teacher and given_settings is settings
         calls.append(split.name)
         return len(calls) / 10
 
     monkeypatch.setattr(teachers, "test_accuracy", scored)
     out = tmp_path / "out"
-    first = teachers.cached_test_accuracy(None, ckpt, data, None, out)
-    assert first == 0.1 and teachers.cached_test_accuracy(None, ckpt, data, None, out) == 0.1
+    first = teachers.cached_test_accuracy(teacher, ckpt, data, settings, out)
+    assert first == 0.1 and teachers.cached_test_accuracy(teacher, ckpt, data, settings, out) == 0.1
     stored = out / "teachers" / "test_accuracy" / f"{hashlib.sha256(b'teacher one').hexdigest()[:16]}.json"
-    assert list(json.loads(stored.read_text()).values()) == [0.1]
+    split_hash = hashlib.sha256(data.x_test.numpy().tobytes() + data.y_test.numpy().tobytes())
+    assert json.loads(stored.read_text()) == {split_hash.hexdigest()[:16]: 0.1}
     relabelled = dataclasses.replace(data, y_test=(data.y_test + 1) % 10)
     redrawn = dataclasses.replace(data, x_test=255 - data.x_test)
-    assert teachers.cached_test_accuracy(None, ckpt, relabelled, None, out) == 0.2
-    assert teachers.cached_test_accuracy(None, ckpt, redrawn, None, out) == 0.3
-    assert teachers.cached_test_accuracy(None, ckpt, data, None, out) == 0.1
+    assert teachers.cached_test_accuracy(teacher, ckpt, relabelled, settings, out) == 0.2
+    assert teachers.cached_test_accuracy(teacher, ckpt, redrawn, settings, out) == 0.3
+    assert teachers.cached_test_accuracy(teacher, ckpt, data, settings, out) == 0.1
     assert len(json.loads(stored.read_text())) == 3
     ckpt.write_bytes(b"teacher two")
-    assert teachers.cached_test_accuracy(None, ckpt, data, None, out) == 0.4
+    assert teachers.cached_test_accuracy(teacher, ckpt, data, settings, out) == 0.4
     streamed = dataclasses.replace(data, x_test=list(data.x_test))
-    assert [teachers.cached_test_accuracy(None, ckpt, streamed, None, out) for _ in range(2)] == [0.5, 0.6]
+    assert [teachers.cached_test_accuracy(teacher, ckpt, streamed, settings, out) for _ in range(2)] == [
+        0.5,
+        0.6,
+    ]
     assert len(list(stored.parent.glob("*.json"))) == 2
+
+
+def test_a_cached_teacher_says_where_it_came_from_and_trains_on_less_validation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first run logs where the teacher is trained, the second where it was found and which
+    penrun made it; the teacher's epochs are scored on the 10 held-out images (val_acc in every
+    epoch of its history). Fails if the validation split is not passed to training or a log line
+    loses its folder."""
+    cfg, data = tiny_teacher_cfg(tmp_path), tiny_digits()
+    with caplog.at_level(logging.INFO, logger="penrun.app.teachers"):
+        path = teachers.obtain_classifier(cfg, data)[2]
+        teachers.obtain_classifier(cfg, data)
+    folder = path.parent.parent
+    stamp = json.loads((folder / "metrics.json").read_text())["penrun"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"training teacher mlp on digits into {folder} (cached for later runs)",
+        f"using cached teacher {folder} (made by penrun {stamp['version']}, commit {stamp['commit']})",
+    ]
+    stored = json.loads((folder / "metrics.json").read_text())
+    assert stored["val_size"] == 10 and all("val_acc" in epoch for epoch in stored["history"])
+
+
+def test_an_identity_holds_resolved_values(tmp_path: Path) -> None:
+    """An interpolation in the data, network or trainer node counts by its value: a config that
+    says max_epochs=${trainer.max_epochs} is the teacher of one that says the number. Fails if an
+    identity keeps the unresolved text (two configs of one teacher would train it twice)."""
+    plain = compose_config(
+        [
+            "trainer.max_epochs=7",
+            "teacher_trainer.max_epochs=7",
+            "teacher.penultimate_dim=7",
+            "data.val_size=7",
+        ]
+    )
+    linked = compose_config(
+        [
+            "trainer.max_epochs=7",
+            "teacher_trainer.max_epochs=${trainer.max_epochs}",
+            "teacher.penultimate_dim=${trainer.max_epochs}",
+            "data.val_size=${trainer.max_epochs}",
+        ]
+    )
+    assert teacher_identity(linked) == teacher_identity(plain)
+
+
+def test_a_test_accuracy_being_computed_elsewhere_is_waited_for(tmp_path: Path) -> None:
+    """Two jobs of a sweep scoring one teacher: while another holds the score file's lock
+    (<file>.lock beside it), the call waits, then reads the score the other stored. Fails if the
+    call does not wait for the lock, or takes another one."""
+    data, ckpt = tiny_digits(), tmp_path / "t.pt"
+    ckpt.write_bytes(b"teacher")
+    stored = tmp_path / "teachers" / "test_accuracy" / f"{hashlib.sha256(b'teacher').hexdigest()[:16]}.json"
+    split = hashlib.sha256(data.x_test.numpy().tobytes() + data.y_test.numpy().tobytes()).hexdigest()[:16]
+    got: list[Any] = []
+
+    def score() -> None:
+        try:
+            got.append(teachers.cached_test_accuracy(None, ckpt, data, None, tmp_path))
+        except Exception as err:  # reported below, in the test's thread
+            got.append(err)
+
+    with exclusive_lock(stored.with_suffix(".lock"), wait=True):
+        waiting = threading.Thread(target=score)
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive() and got == [], f"the call did not wait for the lock: {got}"
+        save_json(stored, {split: 0.75})  # what the other job computed
+    waiting.join(timeout=30)
+    assert got == [0.75]
+
+
+def test_a_linear_heads_vmf_takes_its_radius_from_the_checkpoints_statistics() -> None:
+    """A linear head has no radius of its own: radius=fixed reads the recorded per-class norm_mean
+    (kappa_k = r_k |w_k| with the paper's kappa), radius=empirical the recorded quantiles. An
+    error that is not about missing statistics carries no record_statistics hint. Fails if the
+    checkpoint's statistics or the radius option do not reach the model."""
+    torch.manual_seed(0)
+    linear = build_classifier(
+        "mlp", channels=1, image_size=8, num_classes=10, penultimate_dim=16, head="linear"
+    )
+    radii = torch.linspace(1.0, 2.0, 10)
+    ckpt = {"activation_stats": {"norm_mean": radii, "norm_quantiles": torch.rand(10, 5).sort(dim=1).values}}
+    vmf = OmegaConf.create(
+        {"radius": "fixed", "kappa": "weights", "kappa_scale": 1.0, "direction": "weights"}
+    )
+    model = teachers.penultimate_model(linear, ckpt, "t.pt", vmf)
+    row_norms = torch.linalg.vector_norm(linear.head.weight.detach(), dim=1)
+    assert torch.allclose(model.kappa, radii * row_norms)
+    only_quantiles = {"activation_stats": {"norm_quantiles": ckpt["activation_stats"]["norm_quantiles"]}}
+    empirical = teachers.penultimate_model(
+        linear, only_quantiles, "t.pt", OmegaConf.merge(vmf, {"radius": "empirical"})
+    )
+    assert isinstance(empirical.radius, EmpiricalRadius)
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher checkpoint 't.pt' cannot define p\(a \| y\): radius must be one of 'fixed', "
+        r"'empirical', got 'round'$",
+    ):
+        teachers.penultimate_model(linear, ckpt, "t.pt", OmegaConf.merge(vmf, {"radius": "round"}))
+
+
+def test_a_checkpoint_that_needs_unpickling_is_refused_with_the_remedy(tmp_path: Path) -> None:
+    """A file holding objects other than tensors (here a whole module) is refused before anything
+    in it runs, and the refusal says how to save a state_dict instead."""
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(
+        InputError,
+        match=r"could run code from the file\. save the model's state_dict alone: "
+        r"torch\.save\(model\.state_dict\(\), path\)$",
+    ):
+        teachers.is_penrun_checkpoint(tmp_path / "module.pt")
+
+
+def test_a_checkpoint_is_read_in_the_words_of_its_network_node(tmp_path: Path) -> None:
+    """A checkpoint whose network cannot be built is refused naming the node's key (here the
+    evaluator's); a penrun network ignores the library-only normalization key. Fails if the
+    error speaks of another node, or if a penrun network's checkpoint is checked against it."""
+    spec = {"arch": "mlp", "channels": 1, "image_size": 8, "num_classes": 10, "penultimate_dim": 16}
+    net = build_classifier(**spec)
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    save_torch(good, teachers.classifier_checkpoint(spec, net, {}, {}))
+    save_torch(bad, teachers.classifier_checkpoint(spec | {"arch": "nope"}, net, {}, {}))
+    evaluator = {"ckpt_key": "evaluator_ckpt", "net_key": "evaluator"}
+    cfg = compose_config(["task=vae", f"evaluator_ckpt={bad}"])
+    with pytest.raises(
+        ConfigError, match=r"^checkpoint '.*bad.pt' is damaged: .*\(evaluator\.arch='nope' is invalid; "
+    ):
+        teachers.obtain_classifier(cfg, tiny_digits(), **evaluator)
+    unused = tiny_teacher_cfg(tmp_path, f"teacher_ckpt={good}", "teacher.normalization=imagenet")
+    assert teachers.obtain_classifier(unused, tiny_digits())[2] == good

@@ -97,14 +97,18 @@ class PlannedJob:
 
 def sweep_combinations(overrides: list[Override]) -> list[list[str]]:
     """Every job's overrides, in the order Hydra's BasicSweeper launches them: the cartesian
-    product of the sweep overrides' values."""
-    choices = [
-        [f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()]
-        if o.is_sweep_override()
-        else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
-        for o in overrides
-    ]
-    return [list(combination) for combination in itertools.product(*choices)]
+    product of the sweep overrides' values. A key given twice (in an experiment's sweep, then on
+    the command line) takes its last values, in the place of its first, as BasicSweeper does."""
+    choices: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        values = (
+            override.sweep_string_iterator()
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
+        choices[key] = [f"{key}={value}" for value in values]
+    return [list(combination) for combination in itertools.product(*choices.values())]
 
 
 def plan_jobs(config: DictConfig) -> list[PlannedJob]:

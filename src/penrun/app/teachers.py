@@ -69,8 +69,8 @@ def library_checkpoint(
     data: ImageData,
     settings: TrainerSettings,
     *,
-    net_key: str = "teacher",
-    ckpt_key: str = "teacher_ckpt",
+    net_key: str,
+    ckpt_key: str,
 ) -> Path:
     """A torchvision or timm network's weights (the state_dict at `cfg[ckpt_key]`, or the
     library's pretrained ones when it is null) as a penrun checkpoint: the state_dict, the
@@ -111,10 +111,10 @@ def library_network(
     """The network of a library spec with the weights `library_checkpoint` describes: a
     state_dict's head must have the data's class count, and the rest fit the network."""
     given = cfg.get(ckpt_key)
-    with network_keys(net_key):
-        if given is None:  # the library's own weights (their classes checked), used as they are
-            return build_classifier(**spec).eval()
-        net = build_classifier(**(spec | {"pretrained": False}))
+    # classifier_spec built this network already: its arguments are known to be valid here
+    if given is None:  # the library's own weights (their classes checked), used as they are
+        return build_classifier(**spec).eval()
+    net = build_classifier(**(spec | {"pretrained": False}))
     state = load_state_dict(given)
     head = spec["head_layer"]
     classes = head_classes(head, state)
@@ -295,7 +295,7 @@ def _train_cached(
     path = (
         Path(cfg.paths.output_dir) / cache / f"{data.name}-{cfg[net_key].arch}-seed{cfg[seed_key]}-{digest}"
     )
-    folder = RunFolder(path, identity, IDENTITY_DEFAULTS)
+    folder = RunFolder(path, identity)
     settings = trainer_settings(cfg, trainer_key)
     # Parallel jobs of a sweep that need the same classifier: one trains it, the others wait.
     with cache_lock(path):

@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = setup(cfg)
     data = load_data(cfg)
     if library and (cfg.teacher_ckpt is None or not is_penrun_checkpoint(cfg.teacher_ckpt)):
-        path = library_checkpoint(cfg, data, settings)
+        path = library_checkpoint(cfg, data, settings, net_key="teacher", ckpt_key="teacher_ckpt")
         print(f"teacher_ckpt={path.resolve()}")  # the override that gives every task this teacher
         stats = load_checkpoint(path)["activation_stats"]
     else:
