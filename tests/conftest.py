@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -119,7 +121,7 @@ def finish(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedPr
     return done
 
 
-def run_main(args: list[str], cwd: Path, capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+def run_main(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`penrun ARGS` in this process: penrun.app.cli.main, the console script's entry point, with
     sys.argv and the cwd set for it; its exit status, stdout and stderr. For commands whose
     subject is not a fresh interpreter (a process of its own costs seconds of imports)."""
@@ -130,17 +132,17 @@ def run_main(args: list[str], cwd: Path, capsys: pytest.CaptureFixture) -> subpr
     argv, here = sys.argv, Path.cwd()
     sys.argv = ["penrun", *flags, *QUICK, *overrides]
     os.chdir(cwd)
-    capsys.readouterr()
+    out, err = io.StringIO(), io.StringIO()
     try:
-        main()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
     finally:
         sys.argv = argv
         os.chdir(here)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(["penrun", *args], code, out.out, out.err)
+    return subprocess.CompletedProcess(["penrun", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_cli(

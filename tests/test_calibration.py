@@ -119,7 +119,7 @@ def test_calibrated_options_without_statistics_say_what_is_missing(recorded: Sim
 
 
 def test_a_checkpoint_without_statistics_is_refused_then_completed_by_record_statistics(
-    tmp_path: Path, digits_teachers: Teachers, capsys: pytest.CaptureFixture
+    tmp_path: Path, digits_teachers: Teachers
 ) -> None:
     ckpt_path = tmp_path / "teacher.pt"
     shutil.copy(digits_teachers["linear"], ckpt_path)
@@ -127,10 +127,10 @@ def test_a_checkpoint_without_statistics_is_refused_then_completed_by_record_sta
     recorded_stats = ckpt.pop("activation_stats")
     save_torch(ckpt_path, ckpt)
     fit = ["task=fit", "fit.samples_per_class=50", f"teacher_ckpt={ckpt_path}", "vmf.kappa=matched"]
-    refused = run_main([*fit, f"paths.output_dir={tmp_path / 'out'}"], tmp_path, capsys)
+    refused = run_main([*fit, f"paths.output_dir={tmp_path / 'out'}"], tmp_path)
     assert refused.returncode == 2
     assert "record them with: penrun task=record_statistics teacher_ckpt=" in refused.stderr
-    done = run_main(["task=record_statistics", f"teacher_ckpt={ckpt_path}"], tmp_path, capsys)
+    done = run_main(["task=record_statistics", f"teacher_ckpt={ckpt_path}"], tmp_path)
     assert done.returncode == 0, done.stderr
     again = load_checkpoint(ckpt_path)["activation_stats"]
     for key in ("norm_mean", "fitted_kappa", "mean_direction"):
@@ -162,8 +162,8 @@ def test_a_checkpoint_without_statistics_is_refused_then_completed_by_record_sta
     ],
 )
 def test_a_validation_split_larger_than_the_training_split_is_refused(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    args: list[str], message: str, tmp_path: Path
 ) -> None:
-    proc = run_main([*args, f"paths.output_dir={tmp_path}"], tmp_path, capsys)
+    proc = run_main([*args, f"paths.output_dir={tmp_path}"], tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not list(tmp_path.rglob("last.pt"))  # refused before any training

@@ -36,10 +36,8 @@ from conftest import run_main, run_task
         ),
     ],
 )
-def test_cuda_graphs_refused_where_it_cannot_apply(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    done = run_main(args, tmp_path, capsys)
+def test_cuda_graphs_refused_where_it_cannot_apply(args: list[str], message: str, tmp_path: Path) -> None:
+    done = run_main(args, tmp_path)
     assert done.returncode == 2
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -219,12 +219,10 @@ def test_bad_distill_settings_stop_before_training(
     assert not (tmp_path / "teachers").exists()  # not even the teacher was trained
 
 
-def test_an_unknown_loss_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_unknown_loss_is_refused(tmp_path: Path) -> None:
     """The schema knows every loss term: an unknown one is refused before anything runs, on
     the command line (Hydra, at composition) and when added with `+` (which Hydra lets through)."""
-    proc = run_main(
-        ["task=distill", "distill.losses.magic=1", f"hydra.run.dir={tmp_path / 'cli'}"], tmp_path, capsys
-    )
+    proc = run_main(["task=distill", "distill.losses.magic=1", f"hydra.run.dir={tmp_path / 'cli'}"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "penrun: error: distill.losses.magic" in proc.stderr
     assert not (tmp_path / "cli" / "checkpoints").exists()

@@ -221,12 +221,10 @@ def test_auto_keeps_a_split_in_memory_under_memory_mb(three: Path) -> None:
     assert isinstance(large.x_train, FolderImages) and large.x_train.nbytes == 1920
 
 
-def test_cli_refuses_a_corrupt_image_in_one_line(
-    tmp_path: Path, three: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_cli_refuses_a_corrupt_image_in_one_line(tmp_path: Path, three: Path) -> None:
     (three / "test" / "bird" / "bad.png").write_bytes(b"garbage")
     args = ["task=train_teacher", "data=folder", f"data.root={three}", "data.image_size=8"]
-    result = run_main([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, capsys)
+    result = run_main([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "bird/bad.png" in lines[0] and "data.skip_corrupt=true" in lines[0]
@@ -238,9 +236,7 @@ def test_unlabeled_examples_are_one_more_class_of_labelled_subset() -> None:
     assert torch.bincount(y[picks] + 1).tolist() == [2, 2, 2]  # two unlabeled, two of each class
 
 
-def test_distill_refuses_labels_on_unlabeled_and_unmatched_classes(
-    tmp_path: Path, three: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_distill_refuses_labels_on_unlabeled_and_unmatched_classes(tmp_path: Path, three: Path) -> None:
     write_images(tmp_path / "flat", 6)
     image_folder(tmp_path / "zoo", ["cat", "zebra"], per_class=2)
     base = ["task=distill", "data=folder", f"data.root={three}", "data.image_size=8", "data@transfer=folder"]
@@ -249,7 +245,7 @@ def test_distill_refuses_labels_on_unlabeled_and_unmatched_classes(
         "unlabeled": [f"transfer.root={tmp_path / 'flat'}", "distill.labels=all"],
         "mismatch": [f"transfer.root={tmp_path / 'zoo'}"],
     }.items():
-        result = run_main([*base, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path, capsys)
+        result = run_main([*base, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path)
         assert result.returncode == 2, result.stderr
         errors[name] = result.stderr.strip().splitlines()
     assert len(errors["unlabeled"]) == 1 and "distill.labels='all'" in errors["unlabeled"][0]

@@ -75,9 +75,9 @@ def finite(value: object) -> bool:
     return True
 
 
-def check_outcome(args: list[str], capsys: pytest.CaptureFixture) -> None:
+def check_outcome(args: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        done = run_main(args, Path(tmp), capsys)
+        done = run_main(args, Path(tmp))
         code, err = done.returncode, done.stderr
         runs = sorted(Path(tmp, "outputs", "runs").glob("*/*"))
         if code == 0:
@@ -109,14 +109,12 @@ def fuzz(budget: int):
 
 @fuzz(12)
 @given(args=commands())
-def test_random_overrides_run_or_fail_in_one_line(args: list[str], capsys: pytest.CaptureFixture) -> None:
-    check_outcome(args, capsys)
+def test_random_overrides_run_or_fail_in_one_line(args: list[str]) -> None:
+    check_outcome(args)
 
 
 @pytest.mark.slow
 @fuzz(300)
 @given(args=commands())
-def test_random_overrides_run_or_fail_in_one_line_long(
-    args: list[str], capsys: pytest.CaptureFixture
-) -> None:
-    check_outcome(args, capsys)
+def test_random_overrides_run_or_fail_in_one_line_long(args: list[str]) -> None:
+    check_outcome(args)

@@ -251,8 +251,8 @@ def resnet_state_dicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return paths
 
 
-def run_ok(args: list[str], cwd: Path, capsys: pytest.CaptureFixture) -> str:
-    done = run_main([*args, f"paths.output_dir={cwd / 'outputs'}"], cwd, capsys)
+def run_ok(args: list[str], cwd: Path) -> str:
+    done = run_main([*args, f"paths.output_dir={cwd / 'outputs'}"], cwd)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -266,15 +266,13 @@ TORCHVISION_TEACHER = ["net@teacher=torchvision", "teacher.arch=resnet18"]
 
 
 def test_record_statistics_then_fit_and_the_cache_of_a_bare_state_dict(
-    resnet_state_dicts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    resnet_state_dicts: dict[str, Path], tmp_path: Path
 ) -> None:
     """record_statistics writes a penrun checkpoint of the state_dict and prints its override;
     task=fit given that checkpoint (with penrun's default net@teacher) or the bare state_dict
     (which finds the same cached checkpoint) diagnoses it with posterior = softmax."""
     sd = resnet_state_dicts["resnet18"]
-    out = run_ok(
-        ["task=record_statistics", *TORCHVISION_TEACHER, f"teacher_ckpt={sd}", *SMALL], tmp_path, capsys
-    )
+    out = run_ok(["task=record_statistics", *TORCHVISION_TEACHER, f"teacher_ckpt={sd}", *SMALL], tmp_path)
     (line,) = [line for line in out.splitlines() if line.startswith("teacher_ckpt=")]
     path = Path(line.removeprefix("teacher_ckpt="))
     ckpt = load_checkpoint(path)
@@ -287,7 +285,7 @@ def test_record_statistics_then_fit_and_the_cache_of_a_bare_state_dict(
     torch.testing.assert_close(ckpt["modules"]["model"]["module.fc.weight"], module.fc.weight.detach())
     mtime = path.stat().st_mtime_ns
 
-    run_ok(["task=fit", f"teacher_ckpt={path}", *SMALL, "fit.samples_per_class=50"], tmp_path, capsys)
+    run_ok(["task=fit", f"teacher_ckpt={path}", *SMALL, "fit.samples_per_class=50"], tmp_path)
     given = metrics_of(tmp_path, "fit")
     assert given["dim"] == 512 and given["posterior_max_abs_diff"] < 1e-4
     assert given["generative_acc"] == given["softmax_acc"]
@@ -301,14 +299,14 @@ def test_record_statistics_then_fit_and_the_cache_of_a_bare_state_dict(
         "fit.samples_per_class=50",
         "seed=1",
     ]
-    run_ok(args, tmp_path, capsys)
+    run_ok(args, tmp_path)
     bare = [m for m in map(json.loads, map(Path.read_text, (tmp_path / "outputs/runs/fit").rglob("metrics.json"))) if m != given]  # fmt: skip
     assert bare[0]["teacher_ckpt"] == str(path) and path.stat().st_mtime_ns == mtime  # the cached one
     assert bare[0]["softmax_acc"] == given["softmax_acc"]
 
 
 def test_distill_and_vae_with_torchvision_networks(
-    resnet_state_dicts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    resnet_state_dicts: dict[str, Path], tmp_path: Path
 ) -> None:
     """distill: a torchvision teacher (a bare state_dict) and a torchvision student built for
     the data's classes; vae: the same teacher and a torchvision evaluator."""
@@ -318,7 +316,7 @@ def test_distill_and_vae_with_torchvision_networks(
         ["task=distill", *TORCHVISION_TEACHER, f"teacher_ckpt={sd}", *student, "method=kd", *SMALL,
          "transfer.limit_train=120", "transfer.limit_test=60", "distill.val_per_class=2", "trainer.max_epochs=1",
          "trainer.batch_size=32"],
-        tmp_path, capsys,
+        tmp_path,
     )  # fmt: skip
     metrics = metrics_of(tmp_path, "distill")
     assert metrics["teacher_ckpt"].startswith(str(tmp_path / "outputs" / "statistics"))
@@ -330,7 +328,7 @@ def test_distill_and_vae_with_torchvision_networks(
     run_ok(
         ["task=vae", *TORCHVISION_TEACHER, f"teacher_ckpt={sd}", *evaluator, *SMALL, "trainer.max_epochs=1",
          "gen.eval_per_class=4", "gen.grid_per_class=2"],
-        tmp_path, capsys,
+        tmp_path,
     )  # fmt: skip
     metrics = metrics_of(tmp_path, "vae")
     assert metrics["teacher_ckpt"] == metrics["evaluator_ckpt"]  # one state_dict, one cached checkpoint
@@ -349,18 +347,18 @@ def image_folder(root: Path, classes: int, per_class: int) -> Path:
     return root
 
 
-def test_record_statistics_and_fit_on_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_record_statistics_and_fit_on_an_image_folder(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "images", classes=3, per_class=12)
     torch.manual_seed(0)
     sd = tmp_path / "mobilenet.pt"
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=3).state_dict(), sd)
     data = ["data=folder", f"data.root={root}", "data.image_size=32", "data.val_size=6", "data.workers=0"]
     teacher = ["net@teacher=torchvision", "teacher.arch=mobilenet_v3_small", f"teacher_ckpt={sd}"]
-    out = run_ok(["task=record_statistics", *teacher, *data], tmp_path, capsys)
+    out = run_ok(["task=record_statistics", *teacher, *data], tmp_path)
     (line,) = [line for line in out.splitlines() if line.startswith("teacher_ckpt=")]
     counts = load_checkpoint(line.removeprefix("teacher_ckpt="))["activation_stats"]["count"]
     assert counts.shape == (3,) and counts.sum() == 30  # 36 training images less 6 for validation
-    run_ok(["task=fit", *teacher, *data, "fit.samples_per_class=20"], tmp_path, capsys)
+    run_ok(["task=fit", *teacher, *data, "fit.samples_per_class=20"], tmp_path)
     metrics = metrics_of(tmp_path, "fit")
     assert metrics["dim"] == 1024 and len(metrics["per_class"]) == 3
     assert metrics["posterior_max_abs_diff"] < 1e-4
@@ -371,7 +369,7 @@ FEW = ["data.limit_train=50", "data.val_size=10"]  # 40 images: the statistics o
 
 @torch.no_grad()
 def test_imagenet_normalization_of_a_state_dict_trained_elsewhere(
-    resnet_state_dicts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    resnet_state_dicts: dict[str, Path], tmp_path: Path
 ) -> None:
     """teacher.normalization=imagenet, no pretrained weights: the penrun checkpoint that
     record_statistics makes of a bare state_dict gives the plain torchvision module's logits on
@@ -387,7 +385,7 @@ def test_imagenet_normalization_of_a_state_dict_trained_elsewhere(
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET)
     by_hand = module(((x + 1) / 2 - mean) / std)
     args = ["task=record_statistics", *TORCHVISION_TEACHER, f"teacher_ckpt={sd}", *SMALL, *FEW]
-    out = run_ok([*args, "teacher.normalization=imagenet"], tmp_path, capsys)
+    out = run_ok([*args, "teacher.normalization=imagenet"], tmp_path)
     (line,) = [line for line in out.splitlines() if line.startswith("teacher_ckpt=")]
     net, ckpt = load_classifier(line.removeprefix("teacher_ckpt="))
     torch.testing.assert_close(net.eval()(x), by_hand)
@@ -445,7 +443,6 @@ def test_bad_library_networks_are_one_line_errors_before_training(
     message: str,
     resnet_state_dicts: dict[str, Path],
     tmp_path: Path,
-    capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -457,17 +454,15 @@ def test_bad_library_networks_are_one_line_errors_before_training(
     task = [] if any(a.startswith("task=") for a in args) else ["task=fit"]
     teacher = [] if any(a.startswith("net@teacher=") for a in args) else TORCHVISION_TEACHER
     done = run_main([*task, *teacher, "data.image_size=32", "data.channels=3", *args,
-                     f"paths.output_dir={tmp_path / 'outputs'}"], tmp_path, capsys)  # fmt: skip
+                     f"paths.output_dir={tmp_path / 'outputs'}"], tmp_path)  # fmt: skip
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("last.pt"))  # refused before any training
 
 
-def test_timm_without_the_extra_is_refused_naming_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_timm_without_the_extra_is_refused_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
-    done = run_main(["task=fit", "net@teacher=timm", "teacher.arch=test_vit"], tmp_path, capsys)
+    done = run_main(["task=fit", "net@teacher=timm", "teacher.arch=test_vit"], tmp_path)
     assert done.returncode == 2
     assert (
         done.stderr.strip()

@@ -48,9 +48,7 @@ def cell(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
-def test_report_of_a_sweep_with_a_missing_run(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
-) -> None:
+def test_report_of_a_sweep_with_a_missing_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sweep = tmp_path / "sweep"
     # The sweep by the command line's entry point, in this process.
     proc = run_main(
@@ -66,7 +64,6 @@ def test_report_of_a_sweep_with_a_missing_run(
             f"hydra.sweep.dir={sweep}",
         ],
         tmp_path,
-        capsys,
     )
     assert proc.returncode == 0, proc.stderr
     runs = sorted(p.parent for p in sweep.rglob("metrics.json"))

@@ -48,8 +48,7 @@ LAUNCHERS = ("joblib",)
 @dataclass
 class Sweeps:
     """Every `penrun -m` of this module and the folders it ran in. The commands are launched
-    in two rounds, the independent ones of a round at the same time (a command's start-up is
-    single-threaded; with several, the two cores share them)."""
+    in two rounds; in each, the launchers' sweeps run beside the others."""
 
     swept: Path  # SWEEP launched once, as it stands after that launch (tests use copies)
     again: Path  # a copy of it, launched again
@@ -70,15 +69,13 @@ def sweeps_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Swee
         folder.mkdir()
     late_data = late_root / "late.npz"  # a data file that appears after the first launch
     late_args = ["-m", "task=train_teacher", "trainer.max_epochs=1", "data=npz", f"data.path={late_data}"]
+    # The launchers' sweeps run as a user runs them (their jobs' logs reach the command's
+    # output), the others in this process meanwhile.
     first = {
-        "swept": start_cli(SWEEP, cwd=swept),
-        "late first": start_cli(late_args, cwd=late_root),
-        **{
-            f"{name}": start_cli([*LAUNCHER_SWEEP, f"launcher={name}"], cwd=launchers[name])
-            for name in LAUNCHERS
-        },
+        name: start_cli([*LAUNCHER_SWEEP, f"launcher={name}"], cwd=launchers[name]) for name in LAUNCHERS
     }
-    results = {name: finish(proc, check=False) for name, proc in first.items()}
+    results = {"swept": run_main(SWEEP, swept), "late first": run_main(late_args, late_root)}
+    results |= {name: finish(proc, check=False) for name, proc in first.items()}
     failed = {p.parent for p in late_root.rglob("failed.json")}
     assert len(failed) == 1, results["late first"].stderr
     (late_job,) = failed
@@ -93,11 +90,11 @@ def sweeps_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Swee
     metrics_path.write_text(json.dumps(metrics))
     with np.load(data_dir / "usps.npz") as usps:  # the first images of USPS: a quick job
         np.savez(late_data, **{k: usps[k][: 600 if "train" in k else 200] for k in usps.files})
-    second = {
-        "again": start_cli(SWEEP, cwd=again),
-        "edited": start_cli(SWEEP, cwd=edited),
-        "late second": start_cli(late_args, cwd=late_root),
-        **{f"{name} again": start_cli(LAUNCHER_SWEEP, cwd=launchers[name]) for name in LAUNCHERS},
+    second = {f"{name} again": start_cli(LAUNCHER_SWEEP, cwd=launchers[name]) for name in LAUNCHERS}
+    results |= {
+        "again": run_main(SWEEP, again),
+        "edited": run_main(SWEEP, edited),
+        "late second": run_main(late_args, late_root),
     }
     results |= {name: finish(proc, check=False) for name, proc in second.items()}
     return Sweeps(swept, again, again_mtime, edited, late_root, late_job, launchers, results)
@@ -249,8 +246,8 @@ def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_pa
 
     search = ["-m", "hparams_search=distill_optuna", "hydra.sweeper.n_trials=3", "+row_labelled=ce_kd",
               "distill.labels=10", "trainer.max_epochs=2", "teacher_trainer.max_epochs=3"]  # fmt: skip
-    first = finish(start_cli(search, tmp_path))
-    assert "report: penrun task=report" in first.stdout
+    first = run_main(search, tmp_path)
+    assert first.returncode == 0 and "report: penrun task=report" in first.stdout, first.stderr
     sweep = tmp_path / (
         "outputs/multirun/distill/+row_labelled=ce_kd,distill.labels=10,hparams_search=distill_optuna,"
         "teacher_trainer.max_epochs=3,trainer.max_epochs=2"
@@ -262,19 +259,17 @@ def test_an_optuna_search_maximizes_the_validation_score_each_job_returns(tmp_pa
     assert best["best_value"] == pytest.approx(max(m["best_val_acc"] for m in trials))
     assert best["best_value"] != pytest.approx(max(m["transfer_acc"] for m in trials))
     stamps = {p: p.stat().st_mtime_ns for p in sweep.rglob("metrics.json")}
-    again = finish(start_cli(search, tmp_path))
+    again = run_main(search, tmp_path)
     assert again.stdout.count("is finished: reusing its results") == 3, again.stdout
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("metrics.json")} == stamps
 
 
-def test_a_search_whose_first_trial_is_refused_stops_there_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_a_search_whose_first_trial_is_refused_stops_there_in_one_line(tmp_path: Path) -> None:
     """hparams_search=distill_optuna searches ce's weight, and ce needs labels: without a
     labelled row the config check refuses the first trial. The search stops there with the
     check's one line and exit status 2 (not 20 refused trials and Optuna's traceback), and
     leaves no trial folder behind."""
-    proc = run_main(["-m", "hparams_search=distill_optuna"], tmp_path, capsys)
+    proc = run_main(["-m", "hparams_search=distill_optuna"], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "penrun: error: distill.losses.ce > 0 needs labels, but distill.labels=none; set "
@@ -288,15 +283,15 @@ def test_rerun_moves_the_old_run_aside_and_starts_afresh(tmp_path: Path) -> None
     """A folder of another config is refused, naming rerun=true; rerun=true renames it (nothing
     is deleted), runs afresh, and a report of the folder counts the fresh run only."""
     args = ["task=train_teacher", "trainer.max_epochs=1"]
-    finish(start_cli(args, tmp_path))
+    assert run_main(args, tmp_path).returncode == 0
     folder = tmp_path / "outputs" / "runs" / "train_teacher" / "trainer.max_epochs=1"
     edited = json.loads((folder / "metrics.json").read_text())
     edited["config"]["trainer"]["lr"] = 0.5  # as if the run were made with another config
     (folder / "metrics.json").write_text(json.dumps(edited))
-    refused = finish(start_cli(args, tmp_path), check=False)
+    refused = run_main(args, tmp_path)
     assert refused.returncode == 2 and "add rerun=true to move it aside" in refused.stderr
-    done = finish(start_cli([*args, "rerun=true"], tmp_path))
-    assert "rerun=true: moved the previous run aside to" in done.stdout
+    done = run_main([*args, "rerun=true"], tmp_path)
+    assert done.returncode == 0 and "rerun=true: moved the previous run aside to" in done.stdout
     (old,) = [p for p in folder.parent.iterdir() if ".old-" in p.name]
     assert json.loads((old / "metrics.json").read_text()) == edited
     fresh = json.loads((folder / "metrics.json").read_text())
@@ -320,26 +315,22 @@ def test_a_job_returns_the_objective_its_config_names() -> None:
         objective(metrics, "val_acc")
 
 
-def test_the_teacher_override_train_teacher_prints_can_be_pasted_back(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_the_teacher_override_train_teacher_prints_can_be_pasted_back(tmp_path: Path) -> None:
     """Run folder names hold `=` and `,`: the printed override quotes them for Hydra and the
     shell; a run folder works as well as its checkpoint."""
     import shlex
 
-    trained = run_main(["task=train_teacher", "seed=3", "trainer.max_epochs=1"], tmp_path, capsys)
+    trained = run_main(["task=train_teacher", "seed=3", "trainer.max_epochs=1"], tmp_path)
     (line,) = [x for x in trained.stdout.splitlines() if x.startswith("use it: penrun ")]
     pasted = shlex.split(line.removeprefix("use it: penrun ").split(" (")[0])
     checkpoint = pasted[0].split("=", 1)[1].strip("'")
     assert "seed=3,trainer.max_epochs=1" in checkpoint and checkpoint.endswith("checkpoints/last.pt")
     for override in (pasted[0], f"teacher_ckpt='{Path(checkpoint).parents[1]}'"):
-        done = run_main(["task=fit", override], tmp_path, capsys)
+        done = run_main(["task=fit", override], tmp_path)
         assert done.returncode == 0 and "softmax_acc" in done.stdout, (override, done.stderr)
 
 
-def test_two_sweeps_of_one_task_stay_apart_and_each_prints_its_report(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_two_sweeps_of_one_task_stay_apart_and_each_prints_its_report(tmp_path: Path) -> None:
     """Without an experiment name each sweep's folder is named by its own overrides (the
     launcher and runtime keys aside), so a report of one reads that sweep alone; the printed
     report line pastes back as it stands."""
@@ -349,16 +340,16 @@ def test_two_sweeps_of_one_task_stay_apart_and_each_prints_its_report(
     second = ["-m", "task=train_teacher", "seed=0", "trainer.max_epochs=1,2", "trainer.progress=false"]
     lines = {}
     for args in (first, second):
-        done = run_main(args, tmp_path, capsys)
+        done = run_main(args, tmp_path)
         assert done.returncode == 0, done.stderr
         (lines[args[2]],) = [x for x in done.stdout.splitlines() if x.startswith("report: penrun ")]
     assert lines["seed=0,1"] == (
         "report: penrun task=report \"sweep_dir='outputs/multirun/train_teacher/seed=0,1,trainer.max_epochs=1'\""
     )
     assert "sweep_dir='outputs/multirun/train_teacher/seed=0,trainer.max_epochs=1,2'" in lines["seed=0"]
-    again = run_main([*first, "launcher=joblib", "trainer.num_threads=1"], tmp_path, capsys)
+    again = run_main([*first, "launcher=joblib", "trainer.num_threads=1"], tmp_path)
     assert "2 jobs: 2 complete (reused)" in again.stdout
-    report = run_main(shlex.split(lines["seed=0"].removeprefix("report: penrun ")), tmp_path, capsys)
+    report = run_main(shlex.split(lines["seed=0"].removeprefix("report: penrun ")), tmp_path)
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "outputs/multirun/train_teacher/seed=0,trainer.max_epochs=1,2/report.md").read_text()
     assert "2 complete runs" in text and "seed=1" not in text
