@@ -184,6 +184,8 @@ def test_a_teacher_is_trained_once_into_the_folder_of_its_identity(
     monkeypatch.setattr(teachers, "train_and_record", no_training)
     again = teachers.obtain_classifier(cfg, data)
     assert again[2] == path and torch.equal(again[0].head.weight, model.head.weight)
+    # pretrained means nothing to a penrun network: the same cached teacher
+    assert teachers.obtain_classifier(tiny_teacher_cfg(tmp_path, "teacher.pretrained=true"), data)[2] == path
     other = tiny_teacher_cfg(tmp_path, "teacher_seed=3")
     with pytest.raises(AssertionError, match="trained again"):
         teachers.obtain_classifier(other, data)
@@ -283,7 +285,7 @@ def test_checkpoint_files_their_hash_and_their_kind(tmp_path: Path) -> None:
 
 
 def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A torchvision ResNet-18's bare state_dict: its weights in a penrun checkpoint under
     statistics/<data>-<arch>-<SHA-1 of its identity>.pt, with the statistics of the 30 training
@@ -304,8 +306,10 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
     # an interpolated key counts by its value (teacher_trainer plays no part here)
     linked = ["teacher_trainer.max_epochs=10", "data.val_size=${teacher_trainer.max_epochs}"]
     cfg = tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={paths['resnet18']}", *linked)
-    model, ckpt, path = teachers.obtain_classifier(cfg, data)
+    with caplog.at_level(logging.INFO, logger="penrun.app.teachers"):
+        model, ckpt, path = teachers.obtain_classifier(cfg, data)
     identity = json.loads(ckpt["made_from"])
+    assert caplog.messages == ["teacher resnet18: activation statistics of 30 training images"]
     assert path == tmp_path / "statistics" / f"digits-resnet18-{sha1_10(identity)}.pt"
     assert identity["weights"] == f"sha256:{hashlib.sha256(paths['resnet18'].read_bytes()).hexdigest()}"
     data_node = OmegaConf.to_container(cfg.data, resolve=True)
@@ -322,7 +326,11 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
         raise AssertionError("the statistics were computed again")
 
     monkeypatch.setattr(teachers, "statistics_of", no_statistics)
-    assert teachers.obtain_classifier(cfg, data)[2] == path
+    with caplog.at_level(logging.INFO, logger="penrun.app.teachers"):
+        assert teachers.obtain_classifier(cfg, data)[2] == path
+    assert (
+        caplog.messages[-1] == f"using cached statistics {path} of teacher resnet18 ({identity['weights']})"
+    )
     # how the data are read leaves the identity alone
     streamed = tiny_teacher_cfg(
         tmp_path, *library, f"teacher_ckpt={paths['resnet18']}", "data.in_memory=false", "data.workers=2"
@@ -357,6 +365,15 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
     assert teachers.obtain_classifier(auto, data)[1]["classifier"]["normalization"][0] == pytest.approx(
         torchvision.models.ResNet18_Weights.DEFAULT.transforms().mean
     )
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher.normalization=none: '.*\.pt' was recorded with mean/std \[\[0\.485, 0\.456, 0\.406\], "
+        r"\[0\.229, 0\.224, 0\.225\]\], which it uses",
+    ):
+        teachers.obtain_classifier(
+            tiny_teacher_cfg(tmp_path, *library, f"teacher_ckpt={recorded}", "teacher.normalization=none"),
+            data,
+        )
 
 
 def test_a_teachers_test_accuracy_is_computed_once_per_checkpoint_and_test_split(
@@ -530,3 +547,22 @@ def test_a_checkpoint_is_read_in_the_words_of_its_network_node(tmp_path: Path) -
         teachers.obtain_classifier(cfg, tiny_digits(), **evaluator)
     unused = tiny_teacher_cfg(tmp_path, f"teacher_ckpt={good}", "teacher.normalization=imagenet")
     assert teachers.obtain_classifier(unused, tiny_digits())[2] == good
+
+
+def test_an_evaluator_is_cached_by_its_own_seed(tmp_path: Path) -> None:
+    """The evaluator of task=vae is trained with evaluator_seed and cached under evaluators/ by
+    an identity holding that seed (not teacher_seed). Fails if the seed key is not passed on."""
+    cfg = compose_config(
+        ["task=vae", f"paths.output_dir={tmp_path}", "evaluator_trainer.max_epochs=1",
+         "evaluator_trainer.progress=false", "data.val_size=10", "evaluator_seed=5", "teacher_seed=0"]
+    )  # fmt: skip
+    keys = ("evaluator", "evaluator_trainer", "evaluator_seed")
+    path = teachers.obtain_classifier(
+        cfg, tiny_digits(), ckpt_key="evaluator_ckpt", net_key=keys[0], trainer_key=keys[1],
+        seed_key=keys[2], cache="evaluators",
+    )[2]  # fmt: skip
+    identity = teacher_identity(cfg, *keys)
+    assert identity["seed"] == 5
+    folder = tmp_path / "evaluators" / f"digits-{cfg.evaluator.arch}-seed5-{sha1_10(identity)}"
+    assert path == folder / "checkpoints" / "last.pt"
+    assert json.loads((folder / "metrics.json").read_text())["config"] == identity

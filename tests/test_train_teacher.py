@@ -16,15 +16,14 @@ from penrun.errors import InputError
 from penrun.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_classifier
 from penrun.train.files import exclusive_lock
 
-from conftest import finish, run_task, start_cli
+from conftest import run_main, run_task
 
 DIGITS = ["task=train_teacher", "trainer.max_epochs=4"]
 
 
 @dataclass
 class Commands:
-    """The module's `penrun` commands and what they left; independent ones ran at the same time
-    (a command's start-up is single-threaded: two share the two cores)."""
+    """The module's `penrun` commands (run in this process) and what they left."""
 
     digits: Path  # a finished train_teacher run on digits
     reused: Path  # a copy of it, launched again with the same config
@@ -40,27 +39,24 @@ def commands(tmp_path_factory: pytest.TempPathFactory) -> Commands:
     digits, busy = root / "digits", root / "busy"
     held = exclusive_lock(busy / ".lock", wait=False)  # as a running penrun holds it
     try:
-        first = {
-            "digits": start_cli([*DIGITS, f"hydra.run.dir={digits}"], cwd=root),
-            "bad value": start_cli(
-                ["task=train_teacher", "trainer.batch_size=-4", f"hydra.run.dir={root / 'bad'}"], cwd=root
+        results = {
+            "digits": run_main([*DIGITS, f"hydra.run.dir={digits}"], root),
+            "bad value": run_main(
+                ["task=train_teacher", "trainer.batch_size=-4", f"hydra.run.dir={root / 'bad'}"], root
             ),
-            "busy": start_cli([*DIGITS, f"hydra.run.dir={busy}"], cwd=root),
+            "busy": run_main([*DIGITS, f"hydra.run.dir={busy}"], root),
         }
-        results = {name: finish(proc, check=name == "digits") for name, proc in first.items()}
     finally:
         held.close()
+    assert results["digits"].returncode == 0, results["digits"].stderr
     reused, other = root / "reused", root / "other"
     shutil.copytree(digits, reused)
     shutil.copytree(digits, other)
     reused_mtime = (reused / "checkpoints" / "last.pt").stat().st_mtime_ns
-    second = {
-        "reused": start_cli([*DIGITS, f"hydra.run.dir={reused}"], cwd=reused),
-        "other": start_cli(
-            ["task=train_teacher", "trainer.max_epochs=5", f"hydra.run.dir={other}"], cwd=other
-        ),
+    results |= {
+        "reused": run_main([*DIGITS, f"hydra.run.dir={reused}"], reused),
+        "other": run_main(["task=train_teacher", "trainer.max_epochs=5", f"hydra.run.dir={other}"], other),
     }
-    results |= {name: finish(proc, check=False) for name, proc in second.items()}
     return Commands(digits, reused, reused_mtime, other, busy, results)
 
 
