@@ -380,6 +380,16 @@ def test_a_library_state_dict_becomes_a_cached_checkpoint_with_statistics(
         )
 
 
+def stored_score(output_dir: Path, teacher_bytes: bytes, data: ImageData) -> tuple[Path, str]:
+    """Where a teacher's test accuracy is kept (the first 16 hex digits of its file's SHA-256)
+    and the key of a test split in it (those of the SHA-256 of its images' and labels' bytes)."""
+    path = (
+        output_dir / "teachers" / "test_accuracy" / f"{hashlib.sha256(teacher_bytes).hexdigest()[:16]}.json"
+    )
+    split = hashlib.sha256(data.x_test.numpy().tobytes() + data.y_test.numpy().tobytes())
+    return path, split.hexdigest()[:16]
+
+
 def test_a_teachers_test_accuracy_is_computed_once_per_checkpoint_and_test_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -403,9 +413,8 @@ def test_a_teachers_test_accuracy_is_computed_once_per_checkpoint_and_test_split
     out = tmp_path / "out"
     first = teachers.cached_test_accuracy(teacher, ckpt, data, settings, out)
     assert first == 0.1 and teachers.cached_test_accuracy(teacher, ckpt, data, settings, out) == 0.1
-    stored = out / "teachers" / "test_accuracy" / f"{hashlib.sha256(b'teacher one').hexdigest()[:16]}.json"
-    split_hash = hashlib.sha256(data.x_test.numpy().tobytes() + data.y_test.numpy().tobytes())
-    assert json.loads(stored.read_text()) == {split_hash.hexdigest()[:16]: 0.1}
+    stored, split = stored_score(out, b"teacher one", data)
+    assert json.loads(stored.read_text()) == {split: 0.1}
     relabelled = dataclasses.replace(data, y_test=(data.y_test + 1) % 10)
     redrawn = dataclasses.replace(data, x_test=255 - data.x_test)
     assert teachers.cached_test_accuracy(teacher, ckpt, relabelled, settings, out) == 0.2
@@ -472,8 +481,7 @@ def test_a_test_accuracy_being_computed_elsewhere_is_waited_for(tmp_path: Path) 
     call does not wait for the lock, or takes another one."""
     data, ckpt = tiny_digits(), tmp_path / "t.pt"
     ckpt.write_bytes(b"teacher")
-    stored = tmp_path / "teachers" / "test_accuracy" / f"{hashlib.sha256(b'teacher').hexdigest()[:16]}.json"
-    split = hashlib.sha256(data.x_test.numpy().tobytes() + data.y_test.numpy().tobytes()).hexdigest()[:16]
+    stored, split = stored_score(tmp_path, b"teacher", data)
     got: list[Any] = []
 
     def score() -> None:
