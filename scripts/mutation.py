@@ -218,7 +218,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NODE",
-        help="leave out a test (one that fails now)",
+        help="leave out a test (one that fails now, or one too slow to re-run for every mutant)",
     )
     args = parser.parse_args()
     modules = pick_modules(args.modules)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from penrun.app import schema
+from penrun.app.config import trainer_settings
 from penrun.app.errors import ConfigError
 from penrun.app.tasks import distill
 from penrun.app.tasks.distill import (
@@ -42,6 +43,8 @@ from penrun.core.penultimate import PenultimateModel
 from penrun.data import ImageData, labelled_subset
 from penrun.models import build_classifier
 from penrun.models.classifiers import CosineHead
+from penrun.train.checkpoint import CHECKPOINT_FORMAT
+from penrun.train.files import save_torch
 from penrun.train.run_folder import RunFolder
 
 from conftest import Teachers, compose_config, run_main, run_task
@@ -871,3 +874,161 @@ def test_a_test_split_scored_every_few_epochs_gives_the_same_selected_and_last_s
     protocol = Protocol(numbered([0]), numbered([0]), labelled=False)
     with pytest.raises(RuntimeError, match=r"best.pt holds epoch 1, not the selected 2$"):
         distill.selected_test_score(folder, None, history, protocol, None)
+
+
+# ---------------------------------------------------------------- what a run records and prints
+def test_a_run_s_metrics_name_its_data_method_and_teacher() -> None:
+    """The whole metrics.json of crafted runs, written out by hand, in both protocols; without
+    labels the transfer set's own accuracy is absent (None: an unlabeled set)."""
+    history = [
+        {"epoch": 1, "val_acc": 0.5, "transfer_acc": 0.3},
+        {"epoch": 2, "val_acc": 0.4, "transfer_acc": 0.6},
+    ]
+    run = dataclasses.replace(outcome(True, history), other_domain_acc=0.42)
+    source, transfer = run.protocol.source, dataclasses.replace(run.protocol.transfer, source="a folder")
+    run = dataclasses.replace(run, protocol=dataclasses.replace(run.protocol, transfer=transfer))
+    assert final_metrics(run) == {
+        "task": "distill", "source": "src", "transfer": "dst", "source_data": source.source,
+        "transfer_data": "a folder", "method": "ce+kd", "labels": 5, "transfer_train_size": 50,
+        "losses": {"ce": 1.0, "kd": 0.5}, "transfer_acc": 0.6, "source_acc": 0.42, "selected_epoch": 1,
+        "selected_transfer_acc": 0.4, "best_val_acc": 0.5, "val_size": 30,
+        "stability": {"transfer": pytest.approx({"std_last": 0.15, "max_drop": 0.0})},
+        "teacher_source_acc": 0.9, "teacher_transfer_acc": 0.6, "teacher_ckpt": "teacher.pt", "history": history,
+    }  # fmt: skip
+    unlabeled = [{"epoch": 1, "val_agreement": 0.7, "source_acc": 0.8}]
+    metrics = final_metrics(dataclasses.replace(outcome(False, unlabeled), other_domain_acc=None))
+    assert "transfer_acc" not in metrics and metrics["source_acc"] == 0.8 and metrics["labels"] == "none"
+
+
+def test_a_run_s_summary_gives_teacher_and_student_accuracies() -> None:
+    metrics = {
+        "source": "mnist", "transfer": "usps", "losses": {"kd": 1.0}, "labels": "none",
+        "teacher_source_acc": 0.99, "teacher_transfer_acc": 0.51234, "source_acc": 0.97, "transfer_acc": 0.6,
+        "selected_epoch": 3, "selected_source_acc": 0.955, "selected_other": 0.5, "history": [],
+    }  # fmt: skip
+    assert distill.summary(metrics) == (
+        "mnist -> usps, losses {'kd': 1.0}, labels none\n"
+        "teacher: source_acc 0.9900  transfer_acc 0.5123\n"
+        "student: source_acc 0.9700  transfer_acc 0.6000  "
+        "(at the best validation epoch 3: selected_source_acc 0.9550, selected_other 0.5000)"
+    )
+    del metrics["transfer_acc"], metrics["teacher_transfer_acc"]  # an unlabeled transfer set
+    assert "teacher: source_acc 0.9900\nstudent: source_acc 0.9700  (at" in distill.summary(metrics)
+
+
+def tiny_student(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_classifier("mlp", channels=1, image_size=2, num_classes=3, penultimate_dim=4).eval()
+
+
+def test_a_skipped_test_score_is_best_pt_s_and_leaves_the_last_student_alone(tmp_path: Path) -> None:
+    """With the selected epoch's test split skipped (test_every > 1), the score is best.pt's
+    student's on the test set; the last student, which the run scores on the other domain
+    next, keeps its own weights. Fails if best.pt's weights are loaded into the last student."""
+    data = numbered([0, 1, 2] * 20)
+    best, last = tiny_student(1), tiny_student(2)
+    before = {k: v.clone() for k, v in last.state_dict().items()}
+    folder = RunFolder(tmp_path, {}, {})
+    save_torch(
+        folder.best_path, {"format": CHECKPOINT_FORMAT, "epoch": 2, "modules": {"model": best.state_dict()}}
+    )
+    history = [
+        {"epoch": 1, "val_acc": 0.1},
+        {"epoch": 2, "val_acc": 0.9},
+        {"epoch": 3, "val_acc": 0.5, "transfer_acc": 0.2},
+    ]
+    protocol = Protocol(data, data, labelled=True, test_every=3)
+    settings = trainer_settings(compose_config(["trainer.device=cpu"]))
+    x = data.x_test.float().div(127.5).sub(1)  # penrun's images in [-1, 1]
+    expected = (best(x).argmax(1) == data.y_test).float().mean().item()
+    assert distill.selected_test_score(folder, last, history, protocol, settings) == pytest.approx(expected)
+    assert all(torch.equal(before[k], v) for k, v in last.state_dict().items())
+    history[1]["val_acc"] = 0.95
+    history[0]["val_acc"] = 0.99  # now epoch 1 is selected, and best.pt holds epoch 2
+    with pytest.raises(RuntimeError, match=r"best\.pt holds epoch 2, not the selected 1$"):
+        distill.selected_test_score(folder, last, history, protocol, settings)
+
+
+def test_matched_smoothing_is_drawn_from_the_run_s_generator(teacher) -> None:
+    """The same generator state gives the same smoothing whatever torch's global state."""
+    model = PenultimateModel.from_classifier(teacher)
+    values = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        values.append(distill.smoothing_for(model, teacher, 2.0, torch.Generator().manual_seed(7)))
+    assert values[0] == values[1] and 0.0 < values[0] < 1.0
+
+
+# ---------------------------------------------------------------- the teacher's outputs, shuffling, seeds
+@pytest.mark.parametrize(
+    ("kd", "feature", "labelled", "reads"),
+    [
+        (0.5, 0.0, True, True), (0.0, 1.0, True, True), (0.0, 0.0, False, True),
+        (0.0, 0.0, True, False), (2.0, 3.0, True, True),
+    ],
+)  # fmt: skip
+def test_the_teacher_sees_the_transfer_images_only_for_the_terms_that_need_it(
+    kd: float, feature: float, labelled: bool, reads: bool
+) -> None:
+    """kd and feature read the teacher's outputs; without labels every class is its prediction."""
+    assert distill.reads_teacher_images({"kd": kd, "feature": feature}, labelled) is reads
+
+
+def test_the_teacher_s_outputs_are_cached_per_example_and_batches_shuffled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_teacher: str
+) -> None:
+    """kd's first step reads the teacher's features and logits of exactly its own (shuffled)
+    images from the run's cache; a run of ce and smooth alone computes none, and its smoothing is
+    matched to the synthetic targets (0 when the smooth term is off)."""
+    batch, _, examples = first_step([digits_teacher, "distill.labels=5"], tmp_path / "kd", monkeypatch)
+    features, logits = batch.teacher_outputs
+    with torch.no_grad():
+        torch.testing.assert_close(logits, batch.setup.teacher(batch.x))
+        torch.testing.assert_close(features, batch.setup.teacher.features(batch.x))
+    first_rows = examples.x_train[: len(batch.x)].float().div(127.5).sub(1)
+    assert batch.x.shape == first_rows.shape and not torch.equal(batch.x, first_rows)  # shuffled
+    assert batch.setup.smooth_epsilon == 0.0
+    ce_only = [f"distill.losses.{name}=0" for name in WEIGHTS if name not in ("ce", "smooth")]
+    smooth = [
+        digits_teacher,
+        "distill.labels=5",
+        "distill.losses.ce=1",
+        "distill.losses.smooth=0.5",
+        *ce_only,
+    ]
+    batch, weights, _ = first_step(smooth, tmp_path / "smooth", monkeypatch)
+    assert weights["smooth"] == 0.5 and batch.teacher_outputs is None
+    assert 0.0 < batch.setup.smooth_epsilon < 1.0
+
+
+def test_a_distill_run_s_checkpoint_resumes_its_optimizer_and_synthetic_draws(
+    tmp_path: Path, digits_teacher: str
+) -> None:
+    run_task(
+        [*QUICK_DISTILL, digits_teacher, "trainer.max_epochs=1", f"paths.output_dir={tmp_path}"],
+        tmp_path / "run",
+    )
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert set(last["optimizers"]) == {"optimizer"} and last["optimizers"]["optimizer"]["state"]
+    assert set(last["rng"][0]["generators"]) == {"synthetic"}
+    assert last["classifier"]["arch"] == "mlp" and last["classifier"]["num_classes"] == 10
+
+
+def test_each_rank_draws_its_own_synthetic_activations(teacher, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = trainer_settings(compose_config(["trainer.device=cpu"]))
+    options = compose_config(["task=distill"]).distill
+    weights = {"smooth": 0.0}
+    model = PenultimateModel.from_classifier(teacher)
+    rank0 = distill.distill_setup(options, weights, teacher, model, settings, seed=5).generator
+    monkeypatch.setattr(distill.distributed, "rank", lambda: 2)
+    rank2 = distill.distill_setup(options, weights, teacher, model, settings, seed=5).generator
+    assert torch.equal(rank0.get_state(), torch.Generator().manual_seed(5).get_state())
+    assert torch.equal(rank2.get_state(), torch.Generator().manual_seed(5 + 2 * 1_000_003).get_state())
+
+
+def test_too_many_held_out_examples_per_class_name_the_key() -> None:
+    with pytest.raises(ConfigError) as refused:
+        held_out_indices(numbered(UNBALANCED), "balanced", 26, 3)
+    assert str(refused.value) == (
+        "distill.val_per_class=26 asks for more examples per class than there are (the rarest class has 25)"
+    )

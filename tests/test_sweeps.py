@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -11,10 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
 from penrun.app import sweeps
 from penrun.app.cli import config_dir
 from penrun.app.errors import ConfigError
+from penrun.train.checkpoint import CHECKPOINT_FORMAT
+from penrun.train.files import save_torch
 
 from conftest import finish, run_main, run_task, start_cli
 
@@ -353,3 +359,265 @@ def test_two_sweeps_of_one_task_stay_apart_and_each_prints_its_report(tmp_path: 
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "outputs/multirun/train_teacher/seed=0,trainer.max_epochs=1,2/report.md").read_text()
     assert "2 complete runs" in text and "seed=1" not in text
+
+
+# ---------------------------------------------------------------- job states, by hand-made folders
+def boom(attempt: int = 1) -> ValueError:
+    try:
+        raise ValueError(f"boom {attempt}")
+    except ValueError as err:
+        return err
+
+
+def test_a_failure_is_recorded_with_its_traceback_and_counted(tmp_path: Path) -> None:
+    sweeps.record_failure(tmp_path, boom(1))
+    sweeps.record_failure(tmp_path, boom(2))
+    failure = json.loads((tmp_path / "failed.json").read_text())
+    assert failure["error"] == "ValueError: boom 2" and failure["attempts"] == 2
+    assert failure["traceback"][0] == "Traceback (most recent call last):\n"
+    assert failure["traceback"][-1] == "ValueError: boom 2\n"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", failure["time"])
+
+
+def deep(depth: int) -> None:
+    """Frames of two functions in turn (Python folds a run of the same frame into one line)."""
+    if depth:
+        deeper(depth - 1)
+    raise ValueError("deep")
+
+
+def deeper(depth: int) -> None:
+    deep(depth)
+
+
+def test_a_failure_keeps_the_last_twenty_lines_of_a_long_traceback(tmp_path: Path) -> None:
+    try:
+        deep(15)  # a traceback of 33 lines
+    except ValueError as err:
+        sweeps.record_failure(tmp_path, err)
+    lines = json.loads((tmp_path / "failed.json").read_text())["traceback"]
+    assert len(lines) == 20 and lines[-1] == "ValueError: deep\n" and "Traceback" not in lines[0]
+
+
+def test_a_failure_is_cleared_by_the_main_process_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweeps.clear_failure(tmp_path)  # nothing to clear: no error
+    sweeps.record_failure(tmp_path, boom())
+    monkeypatch.setattr(sweeps.distributed, "is_main", lambda: False)
+    sweeps.clear_failure(tmp_path)
+    assert (tmp_path / "failed.json").exists()
+    monkeypatch.setattr(sweeps.distributed, "is_main", lambda: True)
+    sweeps.clear_failure(tmp_path)
+    assert not (tmp_path / "failed.json").exists()
+
+
+def job(
+    root: Path,
+    name: str,
+    metrics: dict | str | None = None,
+    failed: str | None = None,
+    last: dict | None = None,
+) -> Path:
+    """A job folder as a run leaves it: metrics.json (a dict, or raw text), failed.json, last.pt."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    if metrics is not None:
+        (folder / "metrics.json").write_text(metrics if isinstance(metrics, str) else json.dumps(metrics))
+    if failed is not None:
+        (folder / "failed.json").write_text(failed)
+    if last is not None:
+        save_torch(folder / "checkpoints" / "last.pt", {"format": CHECKPOINT_FORMAT, **last})
+    return folder
+
+
+FAILED = json.dumps({"error": "ValueError: boom", "attempts": 2})
+STATES = {
+    "complete": ({"status": "complete"}, FAILED, None, ("complete", "complete")),
+    "failed": ({"status": "running", "history": [{}]}, FAILED, None, ("failed", "failed: ValueError: boom (attempt 2)")),
+    "failed_unreadable": (None, "{trunc", None, ("failed", "failed: failed.json unreadable (attempt ?)")),
+    "unreadable": ("{trunc", None, None,
+                   ("interrupted", "metrics.json unreadable (rebuilt from last.pt when the job runs)")),
+    "running": ({"status": "running", "history": [{}, {}, {}]}, None, None, ("interrupted", "interrupted after 3 epoch(s)")),
+    "last_only": (None, None, {"epoch": 0}, ("interrupted", "interrupted after 0 epoch(s)")),
+    "new": (None, None, None, ("new", "no metrics.json (not started, or killed before its first epoch)")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", STATES)
+def test_a_job_s_state_is_read_from_its_folder(tmp_path: Path, name: str) -> None:
+    metrics, failed, last, expected = STATES[name]
+    assert sweeps.job_state(job(tmp_path, name, metrics, failed, last)) == expected
+
+
+def test_a_job_s_stored_config_is_its_metrics_then_its_last_checkpoint(tmp_path: Path) -> None:
+    both = job(tmp_path, "both", {"config": {"seed": 1}}, last={"config": {"seed": 2}})
+    assert sweeps.stored_config(both) == {"seed": 1}
+    assert sweeps.stored_config(job(tmp_path, "last", last={"config": {"seed": 2}})) == {"seed": 2}
+    assert sweeps.stored_config(job(tmp_path, "none")) is None
+    assert sweeps.stored_config(job(tmp_path, "bare", {"status": "running"})) is None
+
+
+def planned(folder: Path, **config: object) -> sweeps.PlannedJob:
+    return sweeps.PlannedJob(folder, [], {"task": {"name": "fit"}, **config})
+
+
+def test_a_sweep_over_runs_of_other_configs_is_refused_naming_them(tmp_path: Path) -> None:
+    stored = {"task": {"name": "fit"}, "seed": 0, "trainer": {"lr": 0.1, "max_epochs": 2}}
+    folders = [job(tmp_path, f"j{k}", {"config": stored}) for k in range(5)]
+    same = [planned(folder, seed=0, trainer={"lr": 0.1, "max_epochs": 2}) for folder in folders]
+    sweeps.check_same_configs([*same, planned(tmp_path / "not_started", seed=9)])  # passes
+    edited = dict(seed=1, trainer={"lr": 0.2, "max_epochs": 3}, fit={"samples_per_class": 5})
+    with pytest.raises(ConfigError) as refused:
+        sweeps.check_same_configs([*(planned(f, **edited) for f in folders[:4]), same[4]])
+    # Three folders named, each with its first three differences (keys sorted).
+    named = [f"{folders[k]} (fit.samples_per_class: '<unset>' -> 5; seed: 0 -> 1; trainer.lr: 0.1 -> 0.2)"
+             for k in range(3)]  # fmt: skip
+    assert str(refused.value) == (
+        f"the sweep folder holds runs of a different config in 4 of 5 job folder(s): {', '.join(named)}. "
+        "Set experiment_name or hydra.sweep.dir to a new folder, or add rerun=true to move the old runs "
+        "aside and start afresh"
+    )
+
+
+def test_a_key_added_since_a_run_was_stored_is_no_difference_at_its_default(tmp_path: Path) -> None:
+    old = {"task": {"name": "distill"}, "distill": {"labels": None}}
+    new = {"task": {"name": "distill"}, "distill": {"labels": None, "held_out": "balanced"}}
+    sweeps.check_same_configs([sweeps.PlannedJob(job(tmp_path, "old", {"config": old}), [], new)])
+    old = {"task": {"name": "distill"}, "distill": {"labels": 10}}
+    with pytest.raises(ConfigError, match=r"distill\.held_out: 'balanced' -> 'seeded'"):
+        sweeps.check_same_configs(
+            [
+                sweeps.PlannedJob(
+                    job(tmp_path, "older", {"config": old}), [], new | {"distill": {"held_out": "seeded"}}
+                )
+            ]
+        )
+
+
+def test_the_plan_counts_jobs_by_state_in_a_fixed_order(tmp_path: Path) -> None:
+    folders = [
+        job(tmp_path, name, *STATES[name][:3])
+        for name in ("new", "running", "failed", "complete", "unreadable")
+    ]
+    plan = sweeps.describe_plan("SWEEP", [planned(folder) for folder in folders])
+    assert plan == (
+        "sweep SWEEP: 5 jobs: 1 complete (reused), 2 interrupted (resume from last.pt), "
+        "1 failed before (retried), 1 new"
+    )
+    assert sweeps.describe_plan("S", [planned(folders[3])]) == "sweep S: 1 jobs: 1 complete (reused)"
+
+
+# ---------------------------------------------------------------- the callback, on composed sweeps
+def multirun_config(overrides: list[str]) -> DictConfig:
+    """The master config of `penrun -m OVERRIDES`, as Hydra hands it to the callback."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        return loader.load_configuration("config", overrides, run_mode=RunMode.MULTIRUN)
+
+
+def start_multirun(
+    cfg: DictConfig, capsys: pytest.CaptureFixture
+) -> tuple[sweeps.SweepCallback, int, str, str]:
+    callback, status = sweeps.SweepCallback(), 0
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):  # the launcher's loader
+        try:
+            callback.on_multirun_start(cfg)
+        except SystemExit as stop:
+            status = stop.code
+    out, err = capsys.readouterr()
+    return callback, status, out, err
+
+
+SEEDS = ["task=fit", "seed=0,1"]
+SEEDS_DIR = "outputs/multirun/fit/seed=0,1"
+
+
+def test_a_sweep_prints_its_plan_and_refuses_other_configs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    callback, status, out, _ = start_multirun(multirun_config(SEEDS), capsys)
+    assert status == 0 and out == f"sweep {SEEDS_DIR}: 2 jobs: 2 new\n"
+    assert [j.folder for j in callback.jobs] == [Path(SEEDS_DIR) / "fit" / f"seed={s}" for s in (0, 1)]
+    assert [j.config["seed"] for j in callback.jobs] == [0, 1] and [j.overrides for j in callback.jobs] == [
+        ["task=fit", "seed=0"], ["task=fit", "seed=1"]]  # fmt: skip
+    other = dict(callback.jobs[0].config, seed=7)
+    job(tmp_path, str(callback.jobs[0].folder), {"config": other, "status": "complete"})
+    _, status, out, err = start_multirun(multirun_config(SEEDS), capsys)
+    assert status == 2 and out == "" and err.startswith(
+        "penrun: error: the sweep folder holds runs of a different config in 1 of 2 job folder(s)")  # fmt: skip
+    _, status, out, err = start_multirun(multirun_config([*SEEDS, "rerun=true"]), capsys)
+    assert status == 0 and err == ""
+    assert (
+        out
+        == f"sweep {SEEDS_DIR}: 2 jobs, all afresh (rerun=true: 1 old folder(s) moved aside to <folder>.old-<time>)\n"
+    )
+
+
+def test_a_sweep_of_a_value_that_does_not_compose_stops_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _, status, out, err = start_multirun(multirun_config(["task=fit", "seed=0,x"]), capsys)
+    assert status == 2 and out == ""
+    assert (
+        err
+        == "penrun: error: seed='x' is invalid: Value 'x' of type 'str' could not be converted to Integer\n"
+    )
+
+
+def test_a_search_s_jobs_are_chosen_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = multirun_config(["hparams_search=distill_optuna"])
+    assert sweeps.chooses_as_it_goes(cfg.hydra) and not sweeps.chooses_as_it_goes(
+        multirun_config(SEEDS).hydra
+    )
+    callback, status, out, _ = start_multirun(cfg, capsys)
+    assert status == 0 and callback.jobs == []
+    assert out == f"sweep {cfg.hydra.sweep.dir}: jobs chosen as it goes by OptunaSweeper\n"
+    import optuna
+
+    library = optuna.logging._get_library_root_logger()  # its lines reach Hydra's log, not stderr
+    assert library.propagate and not library.handlers
+    callback.on_multirun_end(cfg)
+    assert capsys.readouterr().out == f"report: penrun task=report \"sweep_dir='{cfg.hydra.sweep.dir}'\"\n"
+
+
+def test_a_sweep_s_end_records_every_job_and_names_the_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = multirun_config(SEEDS)
+    callback, *_ = start_multirun(cfg, capsys)
+    done, broken = (j.folder for j in callback.jobs)
+    job(tmp_path, str(done), {"status": "complete"})
+    job(tmp_path, str(broken), failed=FAILED)
+    try:
+        callback.on_multirun_end(cfg)
+        assert sweeps.failed_jobs == [broken]
+    finally:
+        sweeps.failed_jobs.clear()
+    out, err = capsys.readouterr()
+    assert (
+        out
+        == f"sweep {SEEDS_DIR}: 1 of 2 jobs complete\nreport: penrun task=report \"sweep_dir='{SEEDS_DIR}'\"\n"
+    )
+    assert (
+        err
+        == f"  {broken}: failed: ValueError: boom (attempt 2)\nlaunch the same command again to retry them\n"
+    )
+    status = json.loads((tmp_path / SEEDS_DIR / "sweep_status.json").read_text())
+    assert [(j["folder"], j["overrides"], j["state"]) for j in status["jobs"]] == [
+        (str(done), ["task=fit", "seed=0"], "complete"), (str(broken), ["task=fit", "seed=1"], "failed")]  # fmt: skip
+    assert status["jobs"][1]["description"] == "failed: ValueError: boom (attempt 2)"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", status["time"])
+    (tmp_path / done / "metrics.json").unlink()
+    try:
+        callback.on_multirun_end(cfg)
+    finally:
+        sweeps.failed_jobs.clear()
+    out, _ = capsys.readouterr()
+    assert out == f"sweep {SEEDS_DIR}: 0 of 2 jobs complete\n"  # no report of nothing

@@ -113,8 +113,8 @@ def load_data(cfg: DictConfig, node: str = "data", like: ImageData | None = None
 
 def load_image_folder(options: DictConfig, node: str, like: ImageData | None) -> ImageData:
     """`data=folder` (or `data@transfer=folder`): the folder `root`, checked before training."""
-    names = ("root", "image_size", "channels", "test_fraction", "in_memory", "memory_mb", "workers")
-    with config_keys(**{name: f"{node}.{name}" for name in names}, skip_corrupt=f"{node}.skip_corrupt"):
+    names = ("root", "image_size", "channels", "in_memory", "skip_corrupt")  # those its errors name
+    with config_keys(**{name: f"{node}.{name}" for name in names}):
         data = load_folder(
             options.root,
             image_size=like.image_size if like is not None else options.image_size,
