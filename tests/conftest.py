@@ -30,6 +30,22 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n 2` (with --dist loadgroup, in pyproject.toml) the tests that use a
+    module-scoped fixture run in one worker, so that the fixture is built once, not once per
+    worker (tests/test_sweeps.py's sweeps took 24 s in each)."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        for name in info.names_closure:
+            definitions = info.name2fixturedefs.get(name, ())
+            if definitions and definitions[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+                break
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (SHARED_DATA / "mnist.npz").exists():

@@ -447,10 +447,10 @@ def test_a_library_network_s_errors_name_its_keys(
 
 def test_auto_normalization_is_the_pretrained_weights_of_the_node_s_source() -> None:
     """timm's test_vit was trained on images standardized by mean = std = 0.5, torchvision's
-    resnet18 on ImageNet's (their libraries' metadata)."""
+    alexnet (which timm lacks) on ImageNet's (their libraries' metadata)."""
     timm_node = node(source="timm", arch="test_vit", pretrained=True, normalization="auto")
     assert config.asked_normalization(timm_node, "teacher", 3) == ([0.5] * 3, [0.5] * 3)
-    torchvision_node = node(source="torchvision", arch="resnet18", pretrained=True, normalization="auto")
+    torchvision_node = node(source="torchvision", arch="alexnet", pretrained=True, normalization="auto")
     assert config.asked_normalization(torchvision_node, "teacher", 3) == NORMALIZATIONS["imagenet"]
 
 

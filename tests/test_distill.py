@@ -40,7 +40,8 @@ from penrun.core.losses import (
     total_loss,
 )
 from penrun.core.penultimate import PenultimateModel
-from penrun.data import ImageData, labelled_subset
+from penrun.data import ImageData, labelled_subset, shift_images
+from penrun.data.corruptions import corrupt_images
 from penrun.models import build_classifier
 from penrun.models.classifiers import CosineHead
 from penrun.train.checkpoint import CHECKPOINT_FORMAT
@@ -1032,3 +1033,110 @@ def test_too_many_held_out_examples_per_class_name_the_key() -> None:
     assert str(refused.value) == (
         "distill.val_per_class=26 asks for more examples per class than there are (the rarest class has 25)"
     )
+
+
+# ---------------------------------------------------------------- the transfer set
+def images(name: str, labels: list[int], size: int = 8, channels: int = 1, seed: int = 0) -> ImageData:
+    """Random images (the same in both splits) with the given labels."""
+    x = torch.randint(
+        0, 256, (len(labels), channels, size, size), generator=torch.Generator().manual_seed(seed)
+    )
+    y = torch.tensor(labels)
+    return ImageData(
+        name, x.to(torch.uint8), y, x.to(torch.uint8).clone(), y.clone(), max(labels) + 1, "test"
+    )
+
+
+def transfer_of(overrides: list[str], source: ImageData, monkeypatch: pytest.MonkeyPatch, loaded: ImageData):
+    """transfer_data of a composed config (unshifted unless `overrides` say) whose transfer node
+    loads `loaded`; checks that it was asked for the transfer node at the source's size."""
+    asked = {}
+
+    def load(cfg: Any, node: str, like: ImageData | None = None) -> ImageData:
+        asked.update(node=node, like=like)
+        return loaded
+
+    monkeypatch.setattr(distill, "load_data", load)
+    transfer = distill.transfer_data(
+        compose_config(["task=distill", "transfer.shift=none", *overrides]), source
+    )
+    assert asked == {"node": "transfer", "like": source}  # a folder is read at the source's size
+    return transfer
+
+
+def test_a_transfer_set_is_aligned_to_the_source_s_classes_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """STL-10 into CIFAR-10's label space: car and bird swap, the monkey (7) has no class there."""
+    cifar10 = images("cifar10", list(range(10)), size=32, channels=3)
+    stl10 = images("stl10", list(range(10)), size=32, channels=3)
+    transfer = transfer_of(["distill.labels=none"], cifar10, monkeypatch, stl10)
+    assert transfer.y_train.tolist() == [0, 2, 1, 3, 4, 5, 7, 8, 9]
+
+
+def test_a_transfer_set_takes_the_source_s_size_and_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    rgb = images("rgb", [0, 1, 2], size=12, channels=3)
+    transfer = transfer_of([], images("grey", list(range(10))), monkeypatch, rgb)
+    assert transfer.x_train.shape == (3, 1, 8, 8) and transfer.x_test.shape == (3, 1, 8, 8)
+
+
+def test_an_unlabeled_transfer_set_takes_no_labels_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    flat = dataclasses.replace(images("flat", [0, 0, 0]), num_classes=0, y_train=torch.full((3,), -1),
+                               y_test=torch.full((3,), -1))  # fmt: skip
+    source = images("digits", list(range(10)))
+    assert len(transfer_of(["distill.labels=none"], source, monkeypatch, flat).y_train) == 3
+    with pytest.raises(ConfigError) as refused:
+        transfer_of(["distill.labels=5"], source, monkeypatch, flat)
+    assert str(refused.value) == "distill.labels=5: flat is unlabeled; use distill.labels=none"
+
+
+def test_a_transfer_label_outside_the_teacher_s_classes_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = images("digits", list(range(10)))
+    assert transfer_of([], source, monkeypatch, images("ten", list(range(10)))).num_classes == 10
+    with pytest.raises(ConfigError) as refused:
+        transfer_of([], source, monkeypatch, images("eleven", list(range(11))))
+    assert (
+        str(refused.value)
+        == "transfer set eleven has label 10, outside the teacher's 10 classes (0..9) of digits"
+    )
+
+
+def test_a_shift_is_drawn_with_the_run_s_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    source, loaded = images("digits", list(range(10))), images("digits", list(range(10)), seed=1)
+    noise = ["transfer.shift=noise", "transfer.shift_strength=30"]
+    shifted = {seed: transfer_of([*noise, f"seed={seed}"], source, monkeypatch, loaded) for seed in (3, 4)}
+    expected = shift_images(loaded, "noise", 30, seed=3)
+    assert shifted[3].name == "digits+noise(30)" and torch.equal(shifted[3].x_train, expected.x_train)
+    assert not torch.equal(shifted[4].x_train, expected.x_train)
+    with pytest.raises(ConfigError, match=r"^transfer\.shift_strength=-1\.0 is invalid for noise"):
+        transfer_of(["transfer.shift=noise", "transfer.shift_strength=-1"], source, monkeypatch, loaded)
+    with pytest.raises(ConfigError, match=r"^transfer\.shift='swirl' is invalid"):
+        transfer_of(["transfer.shift=swirl"], source, monkeypatch, loaded)
+
+
+def test_a_corruption_is_drawn_with_the_run_s_seed_and_cached_under_the_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("imagecorruptions")
+    source, loaded = (
+        images("cifar10", list(range(10)), size=32, channels=3),
+        images("c", [0, 1], 32, 3, seed=2),
+    )
+    options = ["transfer.shift=corruption", f"paths.output_dir={tmp_path}", "seed=5"]
+    noisy = transfer_of(
+        [*options, "transfer.corruption=gaussian_noise", "transfer.severity=2"], source, monkeypatch, loaded
+    )
+    expected = corrupt_images(loaded, "gaussian_noise", 2, 5, tmp_path / "elsewhere")
+    assert noisy.name == "c+gaussian_noise(2)" and torch.equal(noisy.x_train, expected.x_train)
+    assert len(list((tmp_path / "corruptions").glob("*.npz"))) == 2  # one file per split
+    for values, message in (
+        (["transfer.corruption=nope", "transfer.severity=2"], r"^transfer\.corruption='nope' is invalid"),
+        (["transfer.corruption=fog", "transfer.severity=6"], r"^transfer\.severity=6 is invalid"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            transfer_of([*options, *values], source, monkeypatch, loaded)
+
+
+def test_every_image_can_be_held_out_and_no_more() -> None:
+    data = numbered(list(range(3)) * 4)
+    assert held_out_indices(data, "seeded", 4, 3).tolist() == list(range(12))
+    with pytest.raises(ConfigError, match=r"^distill\.val_per_class=5 holds out 15 images"):
+        held_out_indices(data, "seeded", 5, 3)

@@ -167,6 +167,7 @@ def test_a_sweep_folder_of_a_different_config_is_refused_before_any_job(sweeps_r
     assert json.loads((job_folder(folder, BAD) / "failed.json").read_text())["attempts"] == 1
 
 
+@pytest.mark.xdist_group("test_sweeps")  # joblib's sweep is the module fixture's (getfixturevalue)
 @pytest.mark.parametrize("launcher", ["joblib", pytest.param("local", marks=pytest.mark.slow)])
 def test_launchers_share_teachers_and_resume_each_others_sweeps(
     launcher: str, request: pytest.FixtureRequest, tmp_path: Path
