@@ -178,6 +178,20 @@ def test_mnist_to_usps_from_the_offline_folder(tmp_path: Path, data_dir: Path) -
     assert metrics["teacher_source_acc"] > 0.7
 
 
+@pytest.mark.parametrize(("value", "option"), [(None, None), ("none", None), ("all", "all"), (1, 1), (7, 7)])
+def test_the_labels_option_is_none_all_or_a_count(value: Any, option: Any) -> None:
+    assert distill.labels_option(value) == option
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "ALL", 2.5])
+def test_other_labels_options_are_refused(value: Any) -> None:
+    with pytest.raises(ConfigError) as refused:
+        distill.labels_option(value)
+    assert str(refused.value) == (
+        f"distill.labels={value!r} is invalid: use none, all, or a number of labels per class >= 1"
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -187,7 +201,7 @@ def test_mnist_to_usps_from_the_offline_folder(tmp_path: Path, data_dir: Path) -
         ),
         (
             ["method=ce", "distill.labels=none"],
-            r"distill.losses.ce > 0 needs labels, but distill.labels=none",
+            r"^distill\.losses\.ce > 0 needs labels, but distill\.labels=none; set distill\.labels=all or N, or ce=0$",
         ),
         (
             ["student.penultimate_dim=8"],
