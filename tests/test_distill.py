@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def test_other_labels_options_are_refused(value: Any) -> None:
     [
         (
             ["distill.losses.kd=0", "distill.losses.synthetic_head=0", "distill.losses.feature=0"],
-            r"all loss weights are zero",
+            rf"^all loss weights are zero: set at least one of distill\.losses\.{{{', '.join(LOSSES)}}} > 0$",
         ),
         (
             ["method=ce", "distill.labels=none"],
@@ -1154,3 +1155,37 @@ def test_every_image_can_be_held_out_and_no_more() -> None:
     assert held_out_indices(data, "seeded", 4, 3).tolist() == list(range(12))
     with pytest.raises(ConfigError, match=r"^distill\.val_per_class=5 holds out 15 images"):
         held_out_indices(data, "seeded", 5, 3)
+
+
+def test_a_run_records_and_logs_its_teacher_labels_and_vmf(
+    tmp_path: Path, digits_teacher: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """metrics.json of a labelled run (complete, its labels option, its examples, its teacher and
+    the vMF it drew from), the teacher's and the summary's log lines, the same summary when the
+    finished run is reused; a run of kd alone records no vMF. The configured teacher width (16)
+    is not the checkpoint's (32): only a teacher trained here is checked against it."""
+    teacher_path = digits_teacher.partition("=")[2]
+    args = [*QUICK_DISTILL, digits_teacher, "distill.labels=5", "teacher.penultimate_dim=16"]
+    with caplog.at_level(logging.INFO, logger="penrun.app.tasks.distill"):
+        metrics = run_task([*args, f"paths.output_dir={tmp_path}"], tmp_path / "run")
+    stored = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (
+        stored["status"] == "complete" and stored["teacher_ckpt"] == metrics["teacher_ckpt"] == teacher_path
+    )
+    assert (metrics["labels"], metrics["transfer_train_size"], metrics["val_size"]) == (5, 50, 100)
+    assert "best_val_acc" in metrics and "transfer_acc" in metrics  # the labelled protocol's
+    assert metrics["vmf"] == "weights/weights x1" and metrics["vmf_mean_kappa"] > 0
+    teacher_line = (
+        f"teacher {teacher_path}: source_acc {metrics['teacher_source_acc']:.4f}, "
+        f"transfer_acc {metrics['teacher_transfer_acc']:.4f}"
+    )
+    assert teacher_line in caplog.messages and caplog.messages[-1] == distill.summary(metrics)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="penrun.app.tasks.distill"):
+        assert (
+            run_task([*args, f"paths.output_dir={tmp_path}"], tmp_path / "run")["history"]
+            == metrics["history"]
+        )
+    assert caplog.messages == [distill.summary(metrics)]
+    kd = ["distill.losses.synthetic_head=0", "distill.losses.feature=0", f"paths.output_dir={tmp_path}"]
+    assert run_task([*args, *kd], tmp_path / "kd")["vmf"] == "none"
