@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from penrun.app.errors import ConfigError
 
@@ -32,7 +33,8 @@ def test_fit_on_digits(tmp_path: Path, digits_teachers: Teachers) -> None:
     per_class = metrics["per_class"]
     assert len(per_class) == 10 and all(c["kappa_weights"] == pytest.approx(16.0) for c in per_class)
     assert all(c["kappa_fitted_test"] > 0 for c in per_class)  # a fit for every class (no NaN)
-    assert (tmp_path / "run" / "cosine_hist.png").stat().st_size > 1000
+    with Image.open(tmp_path / "run" / "cosine_hist.png", formats=["PNG"]) as picture:
+        assert picture.size == (1500, 480)  # 10 panels in 2 rows of 5, each 3 x 2.4 inches at 100 dpi
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
 
 

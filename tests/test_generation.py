@@ -197,7 +197,10 @@ def test_each_row_runs_on_digits(
     assert saved["samples_per_class"] == 10 and saved["frechet_count"] == 100
     assert [row["epoch"] for row in saved["history"]] == [1]
     assert ("teacher_ckpt" in saved) == (cond == "penultimate")
-    assert (tmp_path / "samples.png").stat().st_size > 0
+    # The picture: a row per class of gen.grid_per_class=4 samples, the 8 px digits enlarged
+    # 4-fold to 32 px (at least 28 to be legible), 2 px of padding around each.
+    with Image.open(tmp_path / "samples.png") as picture:
+        assert picture.size == (4 * (32 + 2) + 2, 10 * (32 + 2) + 2)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert metrics["cond_acc"] == saved["cond_acc"]
     again = run_task(overrides, tmp_path, data_dir)  # a finished run is reused
