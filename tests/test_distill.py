@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -280,8 +281,8 @@ def test_a_teacher_without_the_statistics_its_vmf_needs_is_named(tmp_path: Path,
     save_torch(bare, ckpt)
     with pytest.raises(
         ConfigError,
-        match=rf"^teacher checkpoint '{bare}' cannot define p\(a \| y\): .*"
-        rf"record them with: penrun task=record_statistics teacher_ckpt='{bare}'",
+        match=rf"^teacher checkpoint '{re.escape(str(bare))}' cannot define p\(a \| y\): .*"
+        rf"record them with: penrun task=record_statistics teacher_ckpt='{re.escape(str(bare))}'",
     ):
         run_task(
             [*QUICK_DISTILL, f"teacher_ckpt={bare}", "vmf.kappa=fitted", f"paths.output_dir={tmp_path}"],
