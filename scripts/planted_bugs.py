@@ -83,28 +83,17 @@ def first_failure(bug: Bug, tree: Path, env: dict[str, str]) -> str | None:
         sys.exit(f"{bug.name}: {bug.old!r} is not once in {bug.path}; update BUGS")
     file.write_text(original.replace(bug.old, bug.new))
     try:
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-n",
-            "2",
-            "-p",
-            "no:cacheprovider",
-            *bug.tests,
-        ]
+        command = [sys.executable, "-m", "pytest", "-q", "-x", "-n2", "-pno:cacheprovider", *bug.tests]
         out = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     finally:
         file.write_text(original)
+    if out.returncode == 0:
+        return None
     failed = [
         line[len("FAILED ") :].split(" - ")[0]
         for line in out.stdout.splitlines()
         if line.startswith("FAILED")
     ]
-    if out.returncode == 0:
-        return None
     return failed[0] if failed else f"pytest exit status {out.returncode}"
 
 
